@@ -1,0 +1,30 @@
+# The project's commands (README.md, "Development"). Everything installs into .venv beside this file.
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+# torch for the test environment only: the pack itself never installs or pins torch.
+TORCH := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: test env bench clean
+
+## make test: set up the test environment and the pinned ComfyUI host, then run every test.
+test: env
+	$(VPY) -m pytest
+
+env: $(VENV)/.ready
+
+$(VENV)/.ready: requirements.txt requirements-test.txt scripts/fetch_comfyui.py Makefile
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install --quiet $(TORCH)
+	$(VPY) scripts/fetch_comfyui.py > $(VENV)/host-path
+	grep -vE '^(torch|torchvision|torchaudio)([<>=~!; ]|$$)' "$$(cat $(VENV)/host-path)/requirements.txt" \
+		> $(VENV)/host-requirements.txt
+	$(VPY) -m pip install --quiet -r $(VENV)/host-requirements.txt -r requirements.txt -r requirements-test.txt
+	touch $@
+
+## make bench: every benchmark, each printing one JSON object.
+bench: env
+	for script in benchmarks/bench_*.py; do $(VPY) $$script --json || exit 1; done
+
+clean:
+	rm -rf $(VENV) .cache

@@ -1,0 +1,9 @@
+"""Host adapters: one module per node family, each exporting its own mappings."""
+from . import files
+
+_FAMILIES = (files,)
+
+NODE_CLASS_MAPPINGS = {name: cls for family in _FAMILIES
+                       for name, cls in family.NODE_CLASS_MAPPINGS.items()}
+NODE_DISPLAY_NAME_MAPPINGS = {name: label for family in _FAMILIES
+                              for name, label in family.NODE_DISPLAY_NAME_MAPPINGS.items()}

@@ -1,0 +1,25 @@
+"""Small API-format prompt builders shared by the host and server tests."""
+
+
+def save_loaded_directions(source: str, target: str, overwrite: bool = False) -> dict:
+    """Load Directions(source) -> Save Directions(target)."""
+    return {
+        "1": {"class_type": "LoadDirections", "inputs": {"file": source}},
+        "2": {"class_type": "SaveDirections",
+              "inputs": {"directions": ["1", 0], "filename": target, "overwrite": overwrite}},
+    }
+
+
+def tiny_sampling(steps: int = 2, seed: int = 0, model: list | None = None) -> dict:
+    """Tiny SD1.5-shaped UNet -> KSampler on a 64 x 64 (8 x 8 latent) image -> SaveLatent."""
+    return {
+        "m": {"class_type": "TinyUNetLoader", "inputs": {"family": "sd15", "model_channels": 32, "seed": 0}},
+        "pos": {"class_type": "TinyConditioning", "inputs": {"seed": 1, "context_dim": 32, "tokens": 77}},
+        "neg": {"class_type": "TinyConditioning", "inputs": {"seed": 2, "context_dim": 32, "tokens": 77}},
+        "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "k": {"class_type": "KSampler", "inputs": {
+            "model": model or ["m", 0], "seed": seed, "steps": steps, "cfg": 4.0,
+            "sampler_name": "euler", "scheduler": "normal", "positive": ["pos", 0],
+            "negative": ["neg", 0], "latent_image": ["lat", 0], "denoise": 1.0}},
+        "save": {"class_type": "SaveLatent", "inputs": {"samples": ["k", 0], "filename_prefix": "tiny"}},
+    }

@@ -1,0 +1,48 @@
+"""Test-only nodes, loaded by the test host from its custom_nodes folder; never part of the pack.
+
+They stand in for checkpoint and text-encoder loading, which needs weights this machine cannot
+download: a UNet of a real block structure with seeded weights, and seeded conditioning.
+"""
+import torch
+
+from .unets import FAMILIES, build_unet
+
+
+class TinyUNetLoader:
+    CATEGORY = "testing"
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL",)
+    DESCRIPTION = "A small UNet of the SD1.5 or SDXL block structure with seeded weights."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "family": (sorted(FAMILIES),),
+            "model_channels": ("INT", {"default": 32, "min": 32, "max": 320, "step": 32}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1}),
+        }}
+
+    def load(self, family, model_channels, seed):
+        return (build_unet(family, model_channels=model_channels, seed=seed),)
+
+
+class TinyConditioning:
+    CATEGORY = "testing"
+    FUNCTION = "encode"
+    RETURN_TYPES = ("CONDITIONING",)
+    DESCRIPTION = "Seeded text-encoder output of the tiny UNet's context width (a stand-in prompt)."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1}),
+            "context_dim": ("INT", {"default": 32, "min": 1, "max": 4096}),
+            "tokens": ("INT", {"default": 77, "min": 1, "max": 1024}),
+        }}
+
+    def encode(self, seed, context_dim, tokens):
+        generator = torch.Generator().manual_seed(seed)
+        return ([[torch.randn(1, tokens, context_dim, generator=generator), {}]],)
+
+
+NODE_CLASS_MAPPINGS = {"TinyUNetLoader": TinyUNetLoader, "TinyConditioning": TinyConditioning}

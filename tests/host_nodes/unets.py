@@ -1,0 +1,71 @@
+"""UNets built from the host's own classes with deterministic weights (the host leaves them empty).
+
+The block structure is exactly SD1.5's or SDXL's, so layer names, attention sites and patch points
+are the real ones; only the width (and for tests the context width and heads) is scaled down.
+"""
+import torch
+
+import comfy.model_management
+import comfy.model_patcher
+import comfy.supported_models
+
+SD15_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "adm_in_channels": None, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2, 2], "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+    "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1, "use_linear_in_transformer": False,
+    "context_dim": 768, "num_heads": 8, "num_head_channels": -1,
+    "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+SDXL_UNET = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
+    "legacy": False, "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4,
+    "model_channels": 320, "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10],
+    "channel_mult": [1, 2, 4], "transformer_depth_middle": 10, "use_linear_in_transformer": True,
+    "context_dim": 2048, "num_heads": -1, "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
+    "use_temporal_attention": False, "use_temporal_resblock": False,
+}
+FAMILIES = {"sd15": (comfy.supported_models.SD15, SD15_UNET),
+            "sdxl": (comfy.supported_models.SDXL, SDXL_UNET)}
+
+
+def build_unet(family="sd15", model_channels=32, context_dim=32, num_heads=4, seed=0,
+               dtype=torch.float32, full_size=False) -> comfy.model_patcher.ModelPatcher:
+    """A ModelPatcher around a BaseModel of the given family, weights drawn from ``seed``.
+
+    ``full_size`` keeps the real widths, context and heads (for benchmarks).
+    """
+    config_class, unet = FAMILIES[family]
+    unet = dict(unet, dtype=dtype)
+    if not full_size:
+        unet["model_channels"], unet["context_dim"] = model_channels, context_dim
+        if unet["num_heads"] > 0:
+            unet["num_heads"] = num_heads
+        else:
+            unet["num_head_channels"] = max(model_channels // num_heads, 1)
+    config = config_class(unet)
+    config.unet_config.update({k: unet[k] for k in ("num_heads", "num_head_channels")})
+    config.set_inference_dtype(dtype, None)
+    model = config.get_model({}, device=torch.device("cpu"))
+    model.diffusion_model.load_state_dict(seeded_weights(model.diffusion_model, seed, dtype))
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device())
+
+
+def seeded_weights(module: torch.nn.Module, seed: int, dtype) -> dict:
+    """Fan-in scaled normal weights, unit norm gains, small biases: the same for a seed anywhere."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, tensor in sorted(module.state_dict().items()):
+        if tensor.ndim >= 2:
+            fan_in = tensor[0].numel()
+            value = torch.randn(tensor.shape, generator=generator) / fan_in ** 0.5
+        elif name.endswith("weight"):
+            value = 1 + 0.1 * torch.randn(tensor.shape, generator=generator)
+        else:
+            value = 0.02 * torch.randn(tensor.shape, generator=generator)
+        weights[name] = value.to(dtype)
+    return weights

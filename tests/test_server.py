@@ -1,0 +1,99 @@
+"""Server layer: ``main.py --cpu`` with the pack in custom_nodes, driven over HTTP. Every wait is bounded."""
+import json
+import socket
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import requests
+from safetensors import safe_open
+
+from directions_testing import sample_set
+from directions.fileformat import save_directions
+from fetch_comfyui import ensure_host
+from graphs import save_loaded_directions
+from host import PACK_DIR_NAME, prepare_base
+
+START_TIMEOUT_S = 180
+PROMPT_TIMEOUT_S = 120
+PACK_NODES = {"SaveDirections", "LoadDirections"}
+
+pytestmark = pytest.mark.server
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    base = prepare_base(tmp_path_factory.mktemp("server-base"))
+    save_directions(sample_set(), base / "models" / "directions" / "seed.safetensors")
+    port, log_path = free_port(), base / "server.log"
+    command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
+               "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
+               "--disable-auto-launch"]
+    with log_path.open("w") as log:
+        process = subprocess.Popen(command, cwd=ensure_host(), stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            assert process.poll() is None, f"server exited:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"server not up in {START_TIMEOUT_S}s:\n{log_path.read_text()[-3000:]}"
+            try:
+                if requests.get(f"{url}/system_stats", timeout=5).ok:
+                    break
+            except requests.ConnectionError:
+                time.sleep(0.5)
+        yield url, base, log_path
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=20)
+
+
+def test_start_up_log_shows_the_pack_imported(server):
+    _, _, log_path = server
+    log = log_path.read_text()
+    pack_lines = [line for line in log.splitlines() if PACK_DIR_NAME in line]
+    assert any("seconds" in line for line in pack_lines), log[-3000:]
+    assert not any("IMPORT FAILED" in line or "Cannot import" in line for line in pack_lines), log[-3000:]
+
+
+def test_object_info_lists_every_node_with_its_inputs(server):
+    url, _, _ = server
+    info = requests.get(f"{url}/object_info", timeout=60).json()
+    assert PACK_NODES <= set(info)
+    assert set(info["SaveDirections"]["input"]["required"]) == {"directions", "filename", "overwrite"}
+    assert info["LoadDirections"]["input"]["required"]["file"][0] == ["seed.safetensors"]
+    assert info["LoadDirections"]["output"] == ["DIRECTIONS", "STRING"]
+    assert info["SaveDirections"]["output_node"] is True
+    assert all(info[name]["description"] for name in PACK_NODES)
+
+
+def test_prompt_saves_and_loads_a_direction_file(server):
+    url, base, _ = server
+    prompt_id = str(uuid.uuid4())
+    reply = requests.post(f"{url}/prompt", timeout=30, json={
+        "prompt": save_loaded_directions("seed.safetensors", "from_server"), "prompt_id": prompt_id})
+    assert reply.ok, reply.text
+    deadline = time.monotonic() + PROMPT_TIMEOUT_S
+    while not (history := requests.get(f"{url}/history/{prompt_id}", timeout=10).json()):
+        assert time.monotonic() < deadline, f"prompt not done in {PROMPT_TIMEOUT_S}s"
+        time.sleep(0.25)
+    entry = history[prompt_id]
+    assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:2000]
+    assert entry["outputs"]["2"]["text"] == ["from_server.safetensors"]
+    folder = base / "models" / "directions"
+    with safe_open(str(folder / "seed.safetensors"), "pt") as a, \
+            safe_open(str(folder / "from_server.safetensors"), "pt") as b:
+        assert a.metadata() == b.metadata()
+        assert all(a.get_tensor(k).equal(b.get_tensor(k)) for k in a.keys())
