@@ -1,7 +1,7 @@
 """Host adapters: one module per node family, each exporting its own mappings."""
-from . import files
+from . import discover, files
 
-_FAMILIES = (files,)
+_FAMILIES = (discover, files)
 
 NODE_CLASS_MAPPINGS = {name: cls for family in _FAMILIES
                        for name, cls in family.NODE_CLASS_MAPPINGS.items()}

@@ -23,3 +23,16 @@ def tiny_sampling(steps: int = 2, seed: int = 0, model: list | None = None) -> d
             "negative": ["neg", 0], "latent_image": ["lat", 0], "denoise": 1.0}},
         "save": {"class_type": "SaveLatent", "inputs": {"samples": ["k", 0], "filename_prefix": "tiny"}},
     }
+
+
+def discover_and_save(filename: str, layers: str = "all", count: int = 4, method: str = "whitened",
+                      model_seed: int = 0) -> dict:
+    """Tiny UNet -> Discover Attention Eigendirections -> Save Directions, spectrum previewed."""
+    return {
+        "m": {"class_type": "TinyUNetLoader", "inputs": {"family": "sd15", "model_channels": 32, "seed": model_seed}},
+        "d": {"class_type": "DiscoverAttentionEigendirections", "inputs": {
+            "model": ["m", 0], "layers": layers, "count": count, "method": method, "token_variance": 1.0}},
+        "s": {"class_type": "SaveDirections", "inputs": {"directions": ["d", 0], "filename": filename,
+                                                          "overwrite": True}},
+        "p": {"class_type": "PreviewImage", "inputs": {"images": ["d", 1]}},
+    }

@@ -47,7 +47,8 @@ def build_unet(family="sd15", model_channels=32, context_dim=32, num_heads=4, se
             unet["num_head_channels"] = max(model_channels // num_heads, 1)
     config = config_class(unet)
     config.unet_config.update({k: unet[k] for k in ("num_heads", "num_head_channels")})
-    config.set_inference_dtype(dtype, None)
+    # Stored in a low-precision dtype, computed in float32, as the host runs such checkpoints on a CPU.
+    config.set_inference_dtype(dtype, None if dtype == torch.float32 else torch.float32)
     model = config.get_model({}, device=torch.device("cpu"))
     model.diffusion_model.load_state_dict(seeded_weights(model.diffusion_model, seed, dtype))
     return comfy.model_patcher.ModelPatcher(

@@ -1,0 +1,132 @@
+"""Attention eigendirections: editing directions from a self-attention layer's weights alone.
+
+DESIGN.md section 2. Shift every token of the layer's input (the LayerNorm output fed to q, k
+and v) by the same unit vector n. To first order, query token i's output moves by J_i n with
+
+    J_i = sum_h W_o[:, h] (W_v[h] + Cov_i(W_v[h] x, W_k[h] x) W_q[h] / sqrt(d_h)),
+
+Cov_i being the attention-weighted covariance of the tokens query i attends to. Under the seed's
+whitening assumption (token covariance s^2 I) every J_i equals
+
+    J = sum_h W_o[:, h] W_v[h] (I + c W_k[h]^T W_q[h]),   c = s^2 / sqrt(d_h),
+
+so |dO|^2 = N |J n|^2 and the most effective directions are the top right singular vectors of J.
+J is never formed for wide layers: it is applied to blocks of vectors in O(d * inner) and its top
+singular vectors come from subspace iteration, far cheaper than an eigendecomposition of J^T J.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+from einops import rearrange
+
+METHODS = ("whitened", "value", "qkv-stack")
+EXACT_SVD_MAX_WIDTH = 256
+
+
+@dataclass(frozen=True)
+class AttentionWeights:
+    """One self-attention layer, torch Linear convention: q, k, v [heads * d_head, d], out [d_out, heads * d_head]."""
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    out: torch.Tensor
+    heads: int
+
+    @property
+    def width(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def head_width(self) -> int:
+        return self.q.shape[0] // self.heads
+
+
+def whitening_constant(head_width: int, token_variance: float = 1.0) -> float:
+    """c = s^2 / sqrt(d_h). s^2 = 1 is the variance of a LayerNorm output's features before its gain."""
+    return token_variance / math.sqrt(head_width)
+
+
+def shift_operator(weights: AttentionWeights, method: str, token_variance: float = 1.0):
+    """(apply, apply_t): x [d, p] -> A x and y -> A^T y for the method's matrix A, never formed.
+
+    ``whitened``: A = J above, applied as W_o G with G = W_v + c blockdiag_h(W_v[h] W_k[h]^T) W_q
+    ([inner, d], cheap to form). ``value``: A = W_o W_v (c = 0). ``qkv-stack``: A = [W_q; W_k; W_v],
+    SeFa's factorisation, whose right singular vectors are the eigenvectors of
+    W_q^T W_q + W_k^T W_k + W_v^T W_v.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
+    q, k, v, out = weights.q, weights.k, weights.v, weights.out
+    if method == "qkv-stack":
+        return (lambda x: torch.cat([q @ x, k @ x, v @ x])), \
+            (lambda y: sum(w.T @ part for w, part in zip((q, k, v), y.chunk(3))))
+    mixed = v
+    if method == "whitened":
+        c = whitening_constant(weights.head_width, token_variance)
+        per_head = [rearrange(w, "(h e) d -> h e d", h=weights.heads) for w in (v, k, q)]
+        value_key = torch.einsum("hed,hfd->hef", per_head[0], per_head[1])  # W_v[h] W_k[h]^T
+        mixed = v + c * rearrange(torch.einsum("hef,hfd->hed", value_key, per_head[2]), "h e d -> (h e) d")
+    return (lambda x: out @ (mixed @ x)), (lambda y: mixed.T @ (out.T @ y))
+
+
+def top_right_singular(apply, apply_t, width: int, count: int, like: torch.Tensor,
+                       iterations: int = 4, seed: int = 0):
+    """The ``count`` top right singular vectors (rows, [count, width]) and values of an operator.
+
+    Narrow operators are formed and decomposed exactly. Wide ones use randomized block Krylov
+    iteration on A^T A (Musco and Musco, 2015), whose accuracy does not depend on gaps between
+    singular values: the Ritz values land within a fraction of a percent even on the flat spectra
+    of random weights, and trained weights, whose spectra fall off, converge faster. The start
+    block is drawn from ``seed`` on the CPU, so the result does not depend on the device's random
+    generator. ``like`` gives the device and dtype the operator works in.
+    """
+    device, dtype = like.device, like.dtype
+    count = min(count, width)
+    if width <= EXACT_SVD_MAX_WIDTH:
+        _, values, vh = torch.linalg.svd(apply(torch.eye(width, device=device, dtype=dtype)),
+                                         full_matrices=False)
+        return fix_signs(vh[:count]), values[:count]
+    block = min(count + 6, width // (iterations + 1))
+    start = torch.randn(width, block, generator=torch.Generator().manual_seed(seed))
+    krylov = [torch.linalg.qr(start.to(device, dtype)).Q]
+    for _ in range(iterations):
+        krylov.append(torch.linalg.qr(apply_t(apply(krylov[-1]))).Q)
+    basis = torch.linalg.qr(torch.cat(krylov[1:], dim=1)).Q
+    image = apply(basis)
+    gram_values, gram_vectors = torch.linalg.eigh((image.T @ image).double())
+    order = gram_values.flip(0)[:count]
+    ritz = basis @ gram_vectors.flip(1)[:, :count].to(dtype)
+    return fix_signs(ritz.T), order.clamp(min=0).sqrt().to(dtype)
+
+
+def fix_signs(vectors: torch.Tensor) -> torch.Tensor:
+    """Flip each row so that its component of largest magnitude is positive (reproducible signs)."""
+    largest = vectors.gather(1, vectors.abs().argmax(dim=1, keepdim=True))
+    return vectors * torch.where(largest < 0, -1.0, 1.0).to(vectors.dtype)
+
+
+@torch.no_grad()
+def attention_directions(weights: AttentionWeights, count: int, method: str = "whitened",
+                         token_variance: float = 1.0):
+    """Top ``count`` unit directions [count, d] of a self-attention layer's input, with gains [count]."""
+    apply, apply_t = shift_operator(weights, method, token_variance)
+    return top_right_singular(apply, apply_t, weights.width, count, like=weights.q)
+
+
+def shift_jacobian(tokens: torch.Tensor, weights: AttentionWeights) -> torch.Tensor:
+    """Exact first-order response [N, d_out, d]: how each output token moves per unit shift of all tokens.
+
+    The formula the whitened operator approximates, evaluated on real tokens [N, d] (DESIGN.md section 2).
+    """
+    heads, scale = weights.heads, weights.head_width ** -0.5
+    q, k, v = (rearrange(tokens @ w.T, "n (h e) -> h n e", h=heads) for w in (weights.q, weights.k, weights.v))
+    attn = torch.softmax(torch.einsum("hie,hje->hij", q, k) * scale, dim=-1)
+    v_mean, k_mean = attn @ v, attn @ k
+    covariance = (torch.einsum("hij,hje,hjf->hief", attn, v, k)
+                  - torch.einsum("hie,hif->hief", v_mean, k_mean))
+    w_q = rearrange(weights.q, "(h e) d -> h e d", h=heads)
+    w_v = rearrange(weights.v, "(h e) d -> h e d", h=heads)
+    per_head = w_v[:, None] + scale * torch.einsum("hief,hfd->hied", covariance, w_q)
+    w_o = rearrange(weights.out, "o (h e) -> h o e", h=heads)
+    return torch.einsum("hoe,hied->iod", w_o, per_head)

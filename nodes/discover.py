@@ -1,0 +1,91 @@
+"""Discover Attention Eigendirections: directions from a UNet's self-attention weights alone."""
+import weakref
+
+import torch
+
+import comfy.model_management
+import comfy.utils
+
+from ..directions.attention import METHODS, attention_directions
+from ..directions.directionset import DirectionSet, SiteDirections, model_fingerprint
+from . import unet
+from .common import CATEGORY, DIRECTIONS
+from .plots import gain_spectrum_image
+
+_CACHE_PER_MODEL = 8
+_results = weakref.WeakKeyDictionary()
+
+
+class DiscoverAttentionEigendirections:
+    DESCRIPTION = (
+        "Finds editing directions from the weights of the UNet's self-attention (attn1) layers alone: "
+        "no images, no training. For each layer, the unit shifts of its input that move its output "
+        "most (top right singular vectors of the layer's combined query-key-value matrix), strongest "
+        "first, with their gains. LoRAs on the MODEL are taken into account; weights are never changed. "
+        f"Supports {unet.SUPPORTED_FAMILIES}.")
+    CATEGORY = CATEGORY
+    FUNCTION = "discover"
+    RETURN_TYPES = (DIRECTIONS, "IMAGE")
+    RETURN_NAMES = ("directions", "spectrum")
+    OUTPUT_TOOLTIPS = ("count directions per layer, for Apply Direction or Save Directions.",
+                       "Each layer's gains relative to its first: the elbow shows how many are worth trying.")
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {
+            "model": ("MODEL", {"tooltip": "The model to analyse; a LoRA'd model gives the LoRA'd directions."}),
+            "layers": ("STRING", {"default": "all", "tooltip":
+                       "all, input, middle or output; or comma-separated layer paths or prefixes, "
+                       "e.g. 'input_blocks.7, middle_block'."}),
+            "count": ("INT", {"default": 10, "min": 1, "max": 1280, "tooltip": "Directions per layer."}),
+            "method": (list(METHODS), {"default": "whitened", "tooltip":
+                       "whitened: value path plus the keys' tilt of attention, assuming whitened tokens "
+                       "(the paper's combined matrix). value: value path only. qkv-stack: SeFa-style "
+                       "eigenvectors of Wq'Wq + Wk'Wk + Wv'Wv."}),
+            "token_variance": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.05, "tooltip":
+                               "whitened only: s^2 in c = s^2 / sqrt(head width), the assumed variance of "
+                               "the layer's input tokens. 1 is a LayerNorm output's; 0 equals 'value'."}),
+        }}
+
+    def discover(self, model, layers, count, method, token_variance):
+        modules = unet.attention_layers(model)
+        chosen = unet.select_layers(list(modules), layers)
+        widths = unet.layer_widths(modules)
+        too_wide = [p for p in chosen if count > widths[p]]
+        if too_wide:
+            raise ValueError(f"count: {count} is more than the width of {too_wide[0]} "
+                             f"({widths[too_wide[0]]}); lower it")
+        device = comfy.model_management.get_torch_device()
+        params = {"layers": layers.strip() or "all", "count": count, "method": method,
+                  "token_variance": token_variance}
+        key = (model.patches_uuid, tuple(chosen), count, method, token_variance, str(device))
+        cache = _results.setdefault(model.model, {})
+        if key not in cache:
+            cache[key] = self._compute(model, modules, chosen, device, params, widths)
+            while len(cache) > _CACHE_PER_MODEL:
+                cache.pop(next(iter(cache)))
+        dset = cache[key]
+        spectrum = gain_spectrum_image({name: site.gains.tolist() for name, site in dset.sites.items()})
+        return (dset, spectrum)
+
+    @staticmethod
+    def _compute(model, modules, chosen, device, params, widths) -> DirectionSet:
+        key_patches = model.get_key_patches("diffusion_model.")
+        progress = comfy.utils.ProgressBar(len(chosen))
+        sites = {}
+        for path in chosen:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            with torch.no_grad():
+                weights = unet.read_attention_weights(model, key_patches, path, modules[path].heads, device)
+                vectors, gains = attention_directions(weights, params["count"], params["method"],
+                                                      params["token_variance"])
+            sites[path] = SiteDirections(vectors.float().cpu(), gains.float().cpu())
+            progress.update(1)
+        name = unet.family(model)
+        fingerprint = model_fingerprint(name, widths)
+        return DirectionSet(sites=sites, method=f"attention-{params['method']}", params=params,
+                            model={"family": name, "fingerprint": fingerprint})
+
+
+NODE_CLASS_MAPPINGS = {"DiscoverAttentionEigendirections": DiscoverAttentionEigendirections}
+NODE_DISPLAY_NAME_MAPPINGS = {"DiscoverAttentionEigendirections": "Discover Attention Eigendirections"}

@@ -1,0 +1,124 @@
+"""The attention eigendirection math: formula against the host's real attention, optimality, numerics."""
+import pytest
+import torch
+
+import directions_testing  # noqa: F401  (puts the library on the path)
+from directions.attention import (EXACT_SVD_MAX_WIDTH, METHODS, AttentionWeights, attention_directions,
+                                  fix_signs, shift_jacobian, shift_operator, whitening_constant)
+
+
+def random_layer(width, heads, seed=0, dtype=torch.float64, out_bias=False):
+    generator = torch.Generator().manual_seed(seed)
+    make = lambda rows, cols: torch.randn(rows, cols, generator=generator, dtype=dtype) / cols ** 0.5  # noqa: E731
+    return AttentionWeights(make(width, width), make(width, width), make(width, width), make(width, width), heads)
+
+
+def host_attention(host, weights: AttentionWeights):
+    """The host's own CrossAttention module (self-attention use) holding these weights."""
+    import comfy.ops
+    from comfy.ldm.modules.attention import CrossAttention
+    width, inner = weights.width, weights.q.shape[0]
+    module = CrossAttention(query_dim=width, heads=weights.heads, dim_head=inner // weights.heads,
+                            dtype=weights.q.dtype, operations=comfy.ops.disable_weight_init)
+    state = {"to_q.weight": weights.q, "to_k.weight": weights.k, "to_v.weight": weights.v,
+             "to_out.0.weight": weights.out, "to_out.0.bias": torch.zeros(width, dtype=weights.q.dtype)}
+    module.load_state_dict(state)
+    return module
+
+
+def test_first_order_formula_matches_finite_differences_of_the_host_attention(host):
+    weights = random_layer(48, 4)
+    tokens = torch.randn(64, 48, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    attention = host_attention(host, weights)
+    direction = torch.nn.functional.normalize(torch.randn(48, dtype=torch.float64), dim=0)
+    step = 1e-5
+    with torch.no_grad():
+        plus = attention(tokens[None] + step * direction)[0]
+        minus = attention(tokens[None] - step * direction)[0]
+    finite = (plus - minus) / (2 * step)
+    formula = shift_jacobian(tokens, weights) @ direction
+    assert (formula - finite).norm() / finite.norm() < 1e-6
+
+
+def test_whitened_top_direction_is_near_the_exact_optimum(host):
+    """Tokens with covariance s^2 I: the weights-only direction against the full Jacobian's optimum."""
+    width, heads, tokens_count, variance = 32, 4, 1024, 1.0
+    weights = random_layer(width, heads, seed=2)
+    tokens = torch.randn(tokens_count, width, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    attention = host_attention(host, weights)
+
+    step, eye = 1e-6, torch.eye(width, dtype=torch.float64)
+    with torch.no_grad():  # the full Jacobian of the real forward pass, column by column
+        columns = [(attention(tokens[None] + step * e)[0] - attention(tokens[None] - step * e)[0]) / (2 * step)
+                   for e in eye]
+    full = torch.stack(columns, dim=-1)  # [tokens, out, width]
+    gram = torch.einsum("iod,ioe->de", full, full)  # sum over tokens of J_i^T J_i
+    sensitivity = lambda n: n @ gram @ n  # noqa: E731  |dO|^2 per unit shift along n
+    optimum = torch.linalg.eigvalsh(gram)[-1]
+    top = attention_directions(weights, 1, "whitened", variance)[0][0]
+    randoms = torch.nn.functional.normalize(
+        torch.randn(1000, width, generator=torch.Generator().manual_seed(4), dtype=torch.float64), dim=1)
+    random_sensitivity = torch.einsum("nd,de,ne->n", randoms, gram, randoms)
+    assert sensitivity(top) >= random_sensitivity.max()
+    assert sensitivity(top) >= 0.97 * optimum
+    value_top = attention_directions(weights, 1, "value")[0][0]
+    assert sensitivity(top) >= sensitivity(value_top)
+
+
+def test_whitened_operator_is_the_formula_with_identity_covariance():
+    """J equals shift_jacobian's per-token matrix once Cov_i is replaced by s^2 I (DESIGN.md section 2)."""
+    weights = random_layer(24, 3, seed=5)
+    apply, apply_t = shift_operator(weights, "whitened", token_variance=2.0)
+    explicit = apply(torch.eye(24, dtype=torch.float64))
+    c = whitening_constant(8, 2.0)
+    manual = sum(weights.out[:, h * 8:(h + 1) * 8] @ weights.v[h * 8:(h + 1) * 8]
+                 @ (torch.eye(24, dtype=torch.float64)
+                    + c * weights.k[h * 8:(h + 1) * 8].T @ weights.q[h * 8:(h + 1) * 8]) for h in range(3))
+    assert torch.allclose(explicit, manual, atol=1e-12)
+    assert torch.allclose(apply_t(torch.eye(24, dtype=torch.float64)), explicit.T, atol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("width", [64, 640])
+def test_directions_are_orthonormal_sorted_signed_and_accurate(method, width):
+    weights = random_layer(width, 8, seed=6, dtype=torch.float32)
+    vectors, gains = attention_directions(weights, 10, method)
+    assert vectors.shape == (10, width) and gains.shape == (10,)
+    assert torch.allclose(vectors @ vectors.T, torch.eye(10), atol=1e-4)
+    assert (gains[:-1] >= gains[1:]).all()
+    largest = vectors.gather(1, vectors.abs().argmax(dim=1, keepdim=True))
+    assert (largest > 0).all()
+    apply, _ = shift_operator(weights, method)
+    exact = torch.linalg.svdvals(apply(torch.eye(width)).double())[:10].float()
+    captured = (apply(vectors.T).norm(dim=0) ** 2).sum() / (exact ** 2).sum()
+    if width <= EXACT_SVD_MAX_WIDTH:
+        assert torch.allclose(gains, exact, rtol=1e-4)
+    else:  # random weights have a flat spectrum, the hardest case for the iterative path
+        assert ((gains - exact).abs() / exact).max() < 0.05
+        assert captured > 0.95
+
+
+def test_methods_are_the_documented_matrices():
+    weights = random_layer(40, 5, seed=7)
+    eye = torch.eye(40, dtype=torch.float64)
+    value = shift_operator(weights, "value")[0](eye)
+    assert torch.allclose(value, weights.out @ weights.v)
+    assert torch.allclose(shift_operator(weights, "whitened", token_variance=0.0)[0](eye), value)
+    stack_vectors, stack_gains = attention_directions(weights, 5, "qkv-stack")
+    gram = weights.q.T @ weights.q + weights.k.T @ weights.k + weights.v.T @ weights.v
+    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
+    assert torch.allclose(stack_gains ** 2, eigenvalues.flip(0)[:5], rtol=1e-9)
+    assert torch.allclose(stack_vectors, fix_signs(eigenvectors.flip(1)[:, :5].T), atol=1e-8)
+
+
+def test_results_are_reproducible_bit_for_bit():
+    weights = random_layer(512, 8, seed=8, dtype=torch.float32)
+    first = attention_directions(weights, 10, "whitened")
+    torch.manual_seed(123)  # the global generator must not matter
+    second = attention_directions(weights, 10, "whitened")
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="method 'eigen' is not one of whitened, value, qkv-stack"):
+        shift_operator(random_layer(8, 2), "eigen")
