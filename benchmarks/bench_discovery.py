@@ -1,0 +1,64 @@
+"""Discovery speed: all attn1 layers of SD1.5- and SDXL-sized UNets (random fp16 weights), count=10.
+
+Measured side by side in one run: the node's path (weights read through the patcher, block
+Krylov per layer) and a naive baseline on the same weights that forms M = J^T J and runs a full
+eigendecomposition per layer. Each timed run of the node uses a different token_variance so that
+its result cache never answers.
+"""
+import torch
+
+from common import PeakRss, arguments, pack_module, report, start_host, timed
+
+COUNT = 10
+
+
+def main():
+    args = arguments(__doc__)
+    host = start_host(args.device)
+    from semdir_test_nodes.unets import build_unet
+    attention, unet = pack_module(host, "directions.attention"), pack_module(host, "nodes.unet")
+    node = host.nodes.NODE_CLASS_MAPPINGS["DiscoverAttentionEigendirections"]()
+    import comfy.model_management
+    device = comfy.model_management.get_torch_device()
+
+    def synchronize():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    def discover(patcher):
+        def run(i):
+            result = node.discover(patcher, "all", COUNT, "whitened", 1.0 + 1e-4 * i)
+            synchronize()
+            return result
+        return run
+
+    def full_eigh(patcher):
+        def run(_):
+            layers, key_patches = unet.attention_layers(patcher), patcher.get_key_patches("diffusion_model.")
+            for path, module in layers.items():
+                weights = unet.read_attention_weights(patcher, key_patches, path, module.heads, device)
+                with torch.no_grad():
+                    apply, _ = attention.shift_operator(weights, "whitened")
+                    jacobian = apply(torch.eye(weights.width, device=device))
+                    torch.linalg.eigh(jacobian.T @ jacobian)
+            synchronize()
+        return run
+
+    figures = {"device": str(device), "threads": torch.get_num_threads(), "count": COUNT,
+               "weights_dtype": "float16"}
+    for name, family in (("sd15", "sd15"), ("sdxl", "sdxl")):
+        patcher = build_unet(family, dtype=torch.float16, full_size=True)
+        with torch.no_grad():
+            figures[f"{name}_layers"] = len(unet.attention_layers(patcher))
+            with PeakRss() as memory:
+                figures[f"{name}_all_layers_s"] = round(timed(discover(patcher))[0], 4)
+            figures[f"{name}_full_eigh_s"] = round(timed(full_eigh(patcher), repeats=1)[0], 4)
+        figures[f"{name}_speedup"] = round(figures[f"{name}_full_eigh_s"] / figures[f"{name}_all_layers_s"], 1)
+        figures[f"{name}_extra_peak_rss_mb"] = round(memory.extra_mb, 1)
+        del patcher
+    figures["one_1280_layer_f32_weights_mb"] = 4 * 1280 * 1280 * 4 / 2 ** 20
+    report(figures, args.json)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Shared benchmark set-up: the real host in this process, with the pack and the test-only UNet builder."""
+import argparse
+import json
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+from host import Host  # noqa: E402
+
+
+def arguments(description: str):
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--json", action="store_true", help="print one JSON object (the figures) and nothing else")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda to run on the host's GPU")
+    return parser.parse_args()
+
+
+def start_host(device: str):
+    host = Host(Path(tempfile.mkdtemp(prefix="semdir-bench-")), device=device)
+    sys.path.insert(0, str(host.base / "custom_nodes"))
+    return host
+
+
+def pack_module(host, name: str):
+    """A module of the pack as the host loaded it (e.g. 'directions.attention')."""
+    package = host.nodes.NODE_CLASS_MAPPINGS["SaveDirections"].__module__.rsplit(".nodes.", 1)[0]
+    return __import__(f"{package}.{name}", fromlist=["_"])
+
+
+def timed(function, repeats: int = 3):
+    """Best wall time of ``repeats`` calls, and the last result."""
+    best, result = float("inf"), None
+    for i in range(repeats):
+        start = time.perf_counter()
+        result = function(i)
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+class PeakRss:
+    """Samples this process's resident memory every millisecond; ``extra_mb`` is the peak above the start."""
+
+    def __enter__(self):
+        self.process, self.start, self.peak, self.running = psutil.Process(), 0, 0, True
+        self.start = self.peak = self.process.memory_info().rss
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.001)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.extra_mb = (self.peak - self.start) / 2 ** 20
+
+
+def report(figures: dict, as_json: bool):
+    print(json.dumps(figures) if as_json else "\n".join(f"{k}: {v}" for k, v in figures.items()))
