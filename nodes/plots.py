@@ -40,3 +40,19 @@ def gain_spectrum_image(gains: dict, width: int = 768, height: int = 512) -> tor
         draw.line((right - 120, y + 6, right - 100, y + 6), fill=colour, width=3)
         draw.text((right - 94, y), f"{group} blocks", fill="black")
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+
+
+def labelled_grid(images: torch.Tensor, labels: list, columns: int, label_height: int = 24) -> torch.Tensor:
+    """[B, H, W, 3] images in a grid of ``columns``, each with its label above it, as [1, H', W', 3]."""
+    count, height, width = images.shape[0], images.shape[1], images.shape[2]
+    columns = max(1, min(columns or count, count))
+    rows = -(-count // columns)
+    canvas = Image.new("RGB", (columns * width, rows * (height + label_height)), "white")
+    draw = ImageDraw.Draw(canvas)
+    pixels = (images[..., :3].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    for i in range(count):
+        x, y = (i % columns) * width, (i // columns) * (height + label_height)
+        canvas.paste(Image.fromarray(pixels[i]), (x, y + label_height))
+        if i < len(labels):
+            draw.text((x + 4, y + 6), labels[i], fill="black")
+    return torch.from_numpy(np.asarray(canvas, dtype=np.float32) / 255.0)[None]

@@ -7,7 +7,8 @@ from directions.fileformat import save_directions
 from graphs import save_loaded_directions
 from host import NodeFailed, PromptRejected
 
-PACK_NODES = {"SaveDirections", "LoadDirections"}
+PACK_NODES = {"SaveDirections", "LoadDirections", "DiscoverAttentionEigendirections", "ApplyDirection",
+              "AsyrpSampler", "LabelledImageGrid"}
 
 
 def file_contents(path):
@@ -25,7 +26,9 @@ def directions_dir(host):
 def test_host_loads_the_pack_from_custom_nodes(host):
     assert host.pack_loaded
     registry = host.nodes.NODE_CLASS_MAPPINGS
-    assert PACK_NODES <= set(registry)
+    from_pack = {name for name, cls in registry.items()
+                 if getattr(cls, "RELATIVE_PYTHON_MODULE", "") == "custom_nodes.comfyui-semantic-directions"}
+    assert from_pack == PACK_NODES
     for name in PACK_NODES:
         assert registry[name].RELATIVE_PYTHON_MODULE == "custom_nodes.comfyui-semantic-directions"
         assert host.nodes.NODE_DISPLAY_NAME_MAPPINGS[name]
@@ -39,6 +42,7 @@ def test_directions_folder_is_registered(host):
 def test_every_node_explains_itself(host, name):
     cls = host.nodes.NODE_CLASS_MAPPINGS[name]
     assert cls.DESCRIPTION and cls.CATEGORY == "semantic directions"
+    assert len(getattr(cls, "OUTPUT_TOOLTIPS", ())) == len(cls.RETURN_TYPES)
     for section in cls.INPUT_TYPES().values():
         for input_name, spec in section.items():
             assert spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"

@@ -18,7 +18,8 @@ from host import PACK_DIR_NAME, prepare_base
 
 START_TIMEOUT_S = 180
 PROMPT_TIMEOUT_S = 120
-PACK_NODES = {"SaveDirections", "LoadDirections"}
+PACK_NODES = {"SaveDirections", "LoadDirections", "DiscoverAttentionEigendirections", "ApplyDirection",
+              "AsyrpSampler", "LabelledImageGrid"}
 
 pytestmark = pytest.mark.server
 

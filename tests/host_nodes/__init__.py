@@ -5,7 +5,7 @@ download: a UNet of a real block structure with seeded weights, and seeded condi
 """
 import torch
 
-from .unets import FAMILIES, build_unet
+from .unets import FAMILIES, build_unet, build_vae
 
 
 class TinyUNetLoader:
@@ -24,6 +24,20 @@ class TinyUNetLoader:
 
     def load(self, family, model_channels, seed):
         return (build_unet(family, model_channels=model_channels, seed=seed),)
+
+
+class TinyVAELoader:
+    CATEGORY = "testing"
+    FUNCTION = "load"
+    RETURN_TYPES = ("VAE",)
+    DESCRIPTION = "A TAESD-shaped VAE (4 latent channels) with seeded weights."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1})}}
+
+    def load(self, seed):
+        return (build_vae(seed),)
 
 
 class TinyConditioning:
@@ -45,4 +59,5 @@ class TinyConditioning:
         return ([[torch.randn(1, tokens, context_dim, generator=generator), {}]],)
 
 
-NODE_CLASS_MAPPINGS = {"TinyUNetLoader": TinyUNetLoader, "TinyConditioning": TinyConditioning}
+NODE_CLASS_MAPPINGS = {"TinyUNetLoader": TinyUNetLoader, "TinyVAELoader": TinyVAELoader,
+                       "TinyConditioning": TinyConditioning}

@@ -7,7 +7,9 @@ import torch
 
 import comfy.model_management
 import comfy.model_patcher
+import comfy.sd
 import comfy.supported_models
+import comfy.taesd.taesd
 
 SD15_UNET = {
     "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True,
@@ -70,3 +72,11 @@ def seeded_weights(module: torch.nn.Module, seed: int, dtype) -> dict:
             value = 0.02 * torch.randn(tensor.shape, generator=generator)
         weights[name] = value.to(dtype)
     return weights
+
+
+def build_vae(seed=0) -> comfy.sd.VAE:
+    """A TAESD-architecture VAE (4 latent channels, 8x downscale) with seeded weights, loaded by the host."""
+    template = comfy.taesd.taesd.TAESD(latent_channels=4)
+    weights = seeded_weights(template, seed, torch.float32)
+    weights.update(vae_scale=torch.tensor(1.0), vae_shift=torch.tensor(0.0))
+    return comfy.sd.VAE(sd=weights)

@@ -1,0 +1,90 @@
+"""Library layer: the edit's arithmetic and the Asyrp step on plain tensors."""
+import pytest
+import torch
+
+import directions_testing  # noqa: F401
+from directions.apply import DirectionEdit, mask_to_tokens, parse_alphas, rms_token_norm, shift_feature_map
+from directions.asyrp import ancestral_split, asyrp_step
+
+SITE = "input_blocks.1.1.transformer_blocks.0.attn1"
+SIGMA = torch.tensor([5.0])
+
+
+def unit(width, seed=0):
+    return torch.nn.functional.normalize(torch.randn(width, generator=torch.Generator().manual_seed(seed)), dim=0)
+
+
+def test_parse_alphas():
+    assert parse_alphas("-2, -1,0 ,1,2.5") == [-2.0, -1.0, 0.0, 1.0, 2.5]
+    with pytest.raises(ValueError, match="alpha_list: 'x' is not a number; expected comma-separated"):
+        parse_alphas("1,x")
+    with pytest.raises(ValueError, match="not finite"):
+        parse_alphas("1,inf")
+
+
+def test_shift_has_the_documented_length_and_direction():
+    tokens = torch.randn(2, 16, 8)
+    direction = unit(8)
+    edit = DirectionEdit({SITE: direction}, [0.25], 10.0, 0.0)
+    shifted = edit.shift(SITE, tokens, (4, 4), [0], SIGMA.repeat(2))
+    delta = shifted - tokens
+    expected = 0.25 * rms_token_norm(tokens)[:, None, None] * direction
+    assert torch.allclose(delta, expected.expand_as(delta), atol=1e-6)
+
+
+def test_nothing_changes_outside_range_sites_passes_or_at_zero():
+    tokens = torch.randn(4, 16, 8)
+    edit = DirectionEdit({SITE: unit(8)}, [1.0], 5.0, 1.0, passes=(0,))
+    assert edit.shift("middle_block.1.transformer_blocks.0.attn1", tokens, (4, 4), [0, 1], torch.tensor([3.0, 3.0])) is tokens
+    assert edit.shift(SITE, tokens, (4, 4), [0, 1], torch.tensor([6.0, 6.0])) is tokens
+    assert edit.shift(SITE, tokens, (4, 4), [1, 1], torch.tensor([3.0, 3.0])) is tokens  # uncond only
+    zero = DirectionEdit({SITE: unit(8)}, [0.0], 5.0, 1.0)
+    assert zero.shift(SITE, tokens, (4, 4), [0, 1], torch.tensor([3.0, 3.0])) is tokens
+    shifted = edit.shift(SITE, tokens, (4, 4), [1, 0], torch.tensor([3.0, 3.0]))  # uncond chunk first
+    assert torch.equal(shifted[:2], tokens[:2]) and not torch.equal(shifted[2:], tokens[2:])
+
+
+def test_sweep_gives_image_i_alpha_i_in_every_chunk_and_asyrp_copies_stay_unedited():
+    edit = DirectionEdit({SITE: unit(8)}, [0.0, 1.0, -2.0], 10.0, 0.0)
+    strengths, image, images = edit.row_strengths(6, [0, 1], torch.tensor([1.0, 1.0, 1.0]))
+    assert strengths.tolist() == [0.0, 1.0, -2.0, 0.0, 1.0, -2.0] and images == 3
+    strengths, image, images = edit.row_strengths(12, [0, 1], torch.ones(6), unedited_copies=True)
+    assert strengths.tolist() == [0.0, 1.0, -2.0, 0, 0, 0] * 2 and image.tolist() == [0, 1, 2] * 4
+    with pytest.raises(ValueError, match="alpha_list: 3 values for a latent batch of 2 images"):
+        edit.row_strengths(4, [0, 1], torch.ones(2))
+
+
+def test_mask_leaves_tokens_outside_exactly_unchanged():
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :, :28] = 1.0  # token columns 0-2 of an 8x8 grid inside, 3 half, 4+ wholly outside
+    weights = mask_to_tokens(mask, (8, 8)).reshape(8, 8)
+    assert (weights[:, :3] == 1).all() and (weights[:, 3] > 0).all() and (weights[:, 4:] == 0).all()
+    tokens = torch.randn(2, 64, 8)
+    edit = DirectionEdit({SITE: unit(8)}, [1.0], 10.0, 0.0, mask=mask)
+    shifted = edit.shift(SITE, tokens, (8, 8), [0], SIGMA.repeat(2)).reshape(2, 8, 8, 8)
+    assert torch.equal(shifted[:, :, 4:], tokens.reshape(2, 8, 8, 8)[:, :, 4:])
+    assert not torch.equal(shifted[:, :, :3], tokens.reshape(2, 8, 8, 8)[:, :, :3])
+    two_masks = DirectionEdit({SITE: unit(8)}, [1.0], 10.0, 0.0, mask=mask.repeat(2, 1, 1))
+    with pytest.raises(ValueError, match="mask: 2 masks for a latent batch of 3 images"):
+        two_masks.shift(SITE, torch.randn(3, 64, 8), (8, 8), [0], SIGMA.repeat(3))
+
+
+def test_feature_map_edit_is_the_token_edit():
+    h = torch.randn(2, 8, 4, 4)
+    edit = DirectionEdit({"h_space": unit(8)}, [0.5], 10.0, 0.0)
+    shifted = shift_feature_map(edit, "h_space", h, [0], SIGMA.repeat(2))
+    tokens = h.flatten(2).transpose(1, 2)
+    expected = edit.shift("h_space", tokens, (4, 4), [0], SIGMA.repeat(2)).transpose(1, 2).reshape(2, 8, 4, 4)
+    assert torch.allclose(shifted, expected)
+
+
+def test_asyrp_step_formula_and_its_plain_ddim_limit():
+    x, x0_edit, x0_orig = torch.randn(3, 4, 8, 8).unbind(0)
+    sigma, sigma_next = torch.tensor(3.0), torch.tensor(1.5)
+    stepped = asyrp_step(x, sigma, sigma_next, x0_edit, x0_orig)
+    assert torch.allclose(stepped, x0_edit + sigma_next * (x - x0_orig) / sigma, atol=1e-6)
+    euler = x + (x - x0_orig) / sigma * (sigma_next - sigma)  # the host's ddim (Euler) update
+    assert torch.equal(asyrp_step(x, sigma, sigma_next, x0_orig, x0_orig), euler)
+    down, up = ancestral_split(3.0, 1.5, 1.0)
+    assert down ** 2 + up ** 2 == pytest.approx(1.5 ** 2) and up > 0
+    assert ancestral_split(3.0, 1.5, 0.0) == (1.5, 0.0)
