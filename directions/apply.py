@@ -2,6 +2,7 @@
 
 Strength convention: ``alpha`` is the length of the shift in units of the site's RMS token norm,
 measured on each image's own tokens at that moment (sqrt of the mean over tokens of |token|^2).
+One scale per image (the mean over its cond and uncond rows), so guidance does not distort it.
 So alpha = 0.1 moves every token by a tenth of a typical token, whatever the layer's width or
 the site (an attention layer's input, or h-space), and one slider range works everywhere.
 """
@@ -51,7 +52,7 @@ class DirectionEdit:
                  passes=(0, 1), mask: torch.Tensor | None = None):
         self.directions, self.alphas = directions, [float(a) for a in alphas]
         self.sigma_start, self.sigma_end, self.passes, self.mask = sigma_start, sigma_end, tuple(passes), mask
-        self._moved = {}
+        self._moved, self._last_rows = {}, (None, None)
 
     def __deepcopy__(self, memo):
         return self
@@ -62,6 +63,16 @@ class DirectionEdit:
 
     def row_strengths(self, rows: int, cond_or_uncond: list, sigmas: torch.Tensor,
                       unedited_copies: bool = False):
+        """Cached per UNet call: every layer of one call passes the same ``sigmas`` object, so the
+        host-to-CPU read of sigma happens once per call, not once per layer."""
+        key = (sigmas, rows, tuple(cond_or_uncond), unedited_copies)
+        cached_key, cached = self._last_rows
+        if cached_key is None or cached_key[0] is not sigmas or cached_key[1:] != key[1:]:
+            cached = self._row_strengths(rows, cond_or_uncond, sigmas, unedited_copies)
+            self._last_rows = (key, cached)
+        return cached
+
+    def _row_strengths(self, rows: int, cond_or_uncond: list, sigmas: torch.Tensor, unedited_copies: bool):
         """Per-row strength [rows], latent-batch index [rows] and image count for a UNet batch.
 
         The host stacks equal chunks in ``cond_or_uncond`` order; within a chunk, row i is image i.
@@ -91,14 +102,20 @@ class DirectionEdit:
         if not strengths.any():
             return tokens
         direction = self._on(site, tokens)
-        scale = (strengths.to(tokens.device) * rms_token_norm(tokens)).to(tokens.dtype)[:, None, None]
+        # One scale per image: the mean RMS token norm over all its rows (cond, uncond, copies), so
+        # classifier-free guidance does not amplify a difference between the passes' scales.
+        norms = rms_token_norm(tokens)
+        image_on = image.to(tokens.device)
+        per_image = torch.zeros(images, device=tokens.device).index_add_(0, image_on, norms)
+        per_image = per_image / torch.bincount(image_on, minlength=images)
+        scale = (strengths.to(tokens.device) * per_image[image_on]).to(tokens.dtype)[:, None, None]
         shift = scale * direction
         if self.mask is not None:
             weights = self._mask_on(grid, tokens)
             if weights.shape[0] not in (1, images):
                 raise ValueError(f"mask: {weights.shape[0]} masks for a latent batch of {images} images; "
                                  f"give one mask or one per image")
-            shift = shift * weights[image.to(tokens.device) % weights.shape[0], :, None]
+            shift = shift * weights[image_on % weights.shape[0], :, None]
         return tokens + shift
 
     def _on(self, site, like):

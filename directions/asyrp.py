@@ -20,17 +20,18 @@ def ancestral_split(sigma, sigma_next, eta: float):
     return (sigma_next ** 2 - sigma_up ** 2) ** 0.5, sigma_up
 
 
-def asyrp_step(x, sigma, sigma_next, x0_edited, x0_original, eta: float = 0.0, noise=None):
+def asyrp_step(x, sigma, sigma_next, x0_edited, x0_original, eta: float = 0.0, noise=None, flow: bool = False):
     """One step: x0 from the edited prediction, the direction from the original one.
 
     Written as the host's Euler update plus the edit's x0 change, so with the edit off it is
-    bit-identical to the host's ddim sampler.
+    bit-identical to the host's ddim sampler. Flow models (x = (1 - sigma) x0 + sigma eps) carry
+    x0 with weight 1 - sigma_next, so there the change is scaled by it.
     """
     sigma_down, sigma_up = ancestral_split(sigma, sigma_next, eta)
     direction = (x - x0_original) / sigma
     x = x + direction * (sigma_down - sigma)
     if x0_edited is not x0_original:
-        x = x + (x0_edited - x0_original)
+        x = x + (x0_edited - x0_original) * ((1 - sigma_down) if flow else 1)
     if sigma_up:
         x = x + noise * sigma_up
     return x
@@ -38,10 +39,11 @@ def asyrp_step(x, sigma, sigma_next, x0_edited, x0_original, eta: float = 0.0, n
 
 @torch.no_grad()
 def sample_asyrp(denoise, denoise_pair, x, sigmas, edit_active, eta: float = 0.0, boost_below: float = 0.0,
-                 noise_sampler=None, callback=None):
+                 noise_sampler=None, callback=None, flow: bool = False):
     """Sample along ``sigmas``. ``denoise(x, sigma)`` gives x0; inside the edit interval
     (``edit_active(sigma)``) ``denoise_pair(x, sigma)`` gives (x0_edited, x0_original) from one
     batched call. Noise of strength ``eta`` is added on steps with sigma <= ``boost_below``.
+    ``flow`` marks flow-matching models (see :func:`asyrp_step`).
     """
     for i in range(len(sigmas) - 1):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -53,5 +55,5 @@ def sample_asyrp(denoise, denoise_pair, x, sigmas, edit_active, eta: float = 0.0
         noise = noise_sampler(sigma, sigma_next) if step_eta and sigma_next > 0 else None
         if callback is not None:
             callback({"x": x, "i": i, "sigma": sigma, "sigma_hat": sigma, "denoised": edited})
-        x = asyrp_step(x, sigma, sigma_next, edited, original, step_eta, noise)
+        x = asyrp_step(x, sigma, sigma_next, edited, original, step_eta, noise, flow)
     return x

@@ -74,7 +74,8 @@ def top_right_singular(apply, apply_t, width: int, count: int, like: torch.Tenso
                        iterations: int = 4, seed: int = 0):
     """The ``count`` top right singular vectors (rows, [count, width]) and values of an operator.
 
-    Narrow operators are formed and decomposed exactly. Wide ones use randomized block Krylov
+    Narrow operators, and requests for so many directions that the Krylov basis would not fit,
+    are formed and decomposed exactly. Otherwise randomized block Krylov
     iteration on A^T A (Musco and Musco, 2015), whose accuracy does not depend on gaps between
     singular values: the Ritz values land within a fraction of a percent even on the flat spectra
     of random weights, and trained weights, whose spectra fall off, converge faster. The start
@@ -83,11 +84,11 @@ def top_right_singular(apply, apply_t, width: int, count: int, like: torch.Tenso
     """
     device, dtype = like.device, like.dtype
     count = min(count, width)
-    if width <= EXACT_SVD_MAX_WIDTH:
+    if width <= EXACT_SVD_MAX_WIDTH or (count + 6) * (iterations + 1) > width:
         _, values, vh = torch.linalg.svd(apply(torch.eye(width, device=device, dtype=dtype)),
                                          full_matrices=False)
         return fix_signs(vh[:count]), values[:count]
-    block = min(count + 6, width // (iterations + 1))
+    block = count + 6
     start = torch.randn(width, block, generator=torch.Generator().manual_seed(seed))
     krylov = [torch.linalg.qr(start.to(device, dtype)).Q]
     for _ in range(iterations):

@@ -24,11 +24,10 @@ class Attn1Patch:
         block = extra_options.get("block")
         site = self.sites_by_block.get((*block, extra_options.get("block_index", 0))) if block else None
         unedited = extra_options.get(UNEDITED)
-        if site is None or unedited == "all":
+        if site is None or unedited == "all" or not _has_batch_keys(extra_options):
             return n, context_attn1, value_attn1
-        grid = extra_options["activations_shape"][-2:]
-        shifted = self.edit.shift(site, n, grid, extra_options["cond_or_uncond"], extra_options["sigmas"],
-                                  unedited_copies=unedited == "copies")
+        shifted = self.edit.shift(site, n, extra_options["activations_shape"][-2:], extra_options["cond_or_uncond"],
+                                  extra_options["sigmas"], unedited_copies=unedited == "copies")
         if shifted is n:
             return n, context_attn1, value_attn1
         delta = shifted - n
@@ -47,10 +46,16 @@ class HSpacePatch:
 
     def __call__(self, h, hsp, transformer_options):
         unedited = transformer_options.get(UNEDITED)
-        if transformer_options.get("block") != ("output", 0) or unedited == "all":
+        if transformer_options.get("block") != ("output", 0) or unedited == "all" \
+                or not _has_batch_keys(transformer_options, grid=False):
             return h, hsp
         return shift_feature_map(self.edit, HSPACE, h, transformer_options["cond_or_uncond"],
                                  transformer_options["sigmas"], unedited_copies=unedited == "copies"), hsp
+
+
+def _has_batch_keys(options: dict, grid: bool = True) -> bool:
+    """The keys the host's batching sets; a model called some other way runs unedited."""
+    return "cond_or_uncond" in options and "sigmas" in options and (not grid or "activations_shape" in options)
 
 
 def edits_on(model_options: dict) -> list:
@@ -114,9 +119,12 @@ class ApplyDirection:
                              f"(0 to {smallest - 1})")
         check_sites_fit(model, directions, sites)
         if mask is not None:
-            mask = mask.reshape(-1, *mask.shape[-2:]).detach().float().cpu()
+            mask = as_mask_batch(mask)
+            if len(alphas) > 1 and mask.shape[0] > 1 and len(alphas) != mask.shape[0]:
+                raise ValueError(f"mask: {mask.shape[0]} masks but alpha_list has {len(alphas)} values; give one "
+                                 f"mask, or one per image")
         sampling = model.get_model_object("model_sampling")
-        edit = DirectionEdit({s: directions.sites[s].vectors[index] for s in sites}, alphas,
+        edit = DirectionEdit({s: directions.sites[s].vectors[index].clone() for s in sites}, alphas,
                              sampling.percent_to_sigma(start_percent), sampling.percent_to_sigma(end_percent),
                              PASSES[apply_to], mask)
         patched = model.clone()
@@ -126,6 +134,17 @@ class ApplyDirection:
         if HSPACE in sites:
             patched.set_model_output_block_patch(HSpacePatch(edit))
         return (patched,)
+
+
+def as_mask_batch(mask):
+    """A MASK as [M, H, W] float on the CPU: [H, W], [M, H, W], [M, 1, H, W] and [M, H, W, 1] are accepted."""
+    if mask.ndim == 4 and 1 in (mask.shape[1], mask.shape[-1]):
+        mask = mask.squeeze(1) if mask.shape[1] == 1 else mask.squeeze(-1)
+    if mask.ndim == 2:
+        mask = mask[None]
+    if mask.ndim != 3 or 0 in mask.shape:
+        raise ValueError(f"mask: expected a MASK of shape [H, W] or [batch, H, W], got {list(mask.shape)}")
+    return mask.detach().float().cpu()
 
 
 def check_sites_fit(model, directions, sites) -> None:

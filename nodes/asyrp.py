@@ -23,7 +23,8 @@ def asyrp_sampler_function(model, x, sigmas, extra_args=None, callback=None, dis
     extra_args = {} if extra_args is None else extra_args
     edits = edits_on(extra_args.get("model_options", {}))
     sampling = model.inner_model.model_patcher.get_model_object("model_sampling")
-    if eta and isinstance(sampling, comfy.model_sampling.CONST):
+    flow = isinstance(sampling, comfy.model_sampling.CONST)
+    if eta and flow:
         raise ValueError("boost_eta: noise boosting needs a noise-prediction model; flow-matching models "
                          "(SD3, Flux) take boost_eta 0")
 
@@ -41,7 +42,7 @@ def asyrp_sampler_function(model, x, sigmas, extra_args=None, callback=None, dis
     noise_sampler = comfy.k_diffusion.sampling.default_noise_sampler(x, seed=extra_args.get("seed"))
     return sample_asyrp(denoise, denoise_pair, x, sigmas, lambda s: any(e.active_at(s) for e in edits),
                         eta=eta, boost_below=sampling.percent_to_sigma(boost_start_percent),
-                        noise_sampler=noise_sampler, callback=callback)
+                        noise_sampler=noise_sampler, callback=callback, flow=flow)
 
 
 class AsyrpSampler:

@@ -58,13 +58,12 @@ class DiscoverAttentionEigendirections:
         device = comfy.model_management.get_torch_device()
         params = {"layers": layers.strip() or "all", "count": count, "method": method,
                   "token_variance": token_variance}
-        key = (model.patches_uuid, tuple(chosen), count, method, token_variance, str(device))
+        key = (model.patches_uuid, params["layers"], count, method, token_variance, str(device))
         cache = _results.setdefault(model.model, {})
-        if key not in cache:
-            cache[key] = self._compute(model, modules, chosen, device, params, widths)
-            while len(cache) > _CACHE_PER_MODEL:
-                cache.pop(next(iter(cache)))
-        dset = cache[key]
+        dset = cache.pop(key, None) or self._compute(model, modules, chosen, device, params, widths)
+        cache[key] = dset  # most recently used last
+        while len(cache) > _CACHE_PER_MODEL:
+            cache.pop(next(iter(cache)))
         spectrum = gain_spectrum_image({name: site.gains.tolist() for name, site in dset.sites.items()})
         return (dset, spectrum)
 

@@ -88,3 +88,22 @@ def test_asyrp_step_formula_and_its_plain_ddim_limit():
     down, up = ancestral_split(3.0, 1.5, 1.0)
     assert down ** 2 + up ** 2 == pytest.approx(1.5 ** 2) and up > 0
     assert ancestral_split(3.0, 1.5, 0.0) == (1.5, 0.0)
+
+
+def test_one_scale_per_image_across_cond_and_uncond():
+    """Guidance mixes the passes; a shared per-image scale keeps it from distorting the edit."""
+    tokens = torch.randn(2, 16, 8)
+    tokens[1] *= 3  # the uncond pass's tokens are larger
+    edit = DirectionEdit({SITE: unit(8)}, [0.5], 10.0, 0.0)
+    delta = edit.shift(SITE, tokens, (4, 4), [0, 1], SIGMA) - tokens
+    assert torch.allclose(delta[0], delta[1])
+    assert torch.allclose(delta[0, 0].norm(), 0.5 * rms_token_norm(tokens).mean(), rtol=1e-5)
+
+
+def test_asyrp_step_for_flow_models():
+    """x = (1 - sigma) x0 + sigma eps: x_next = (1 - sigma_next) x0_edited + sigma_next eps_original."""
+    x, x0_edit, x0_orig = torch.randn(3, 4, 8, 8).unbind(0)
+    sigma, sigma_next = torch.tensor(0.8), torch.tensor(0.5)
+    eps = (x - (1 - sigma) * x0_orig) / sigma
+    stepped = asyrp_step(x, sigma, sigma_next, x0_edit, x0_orig, flow=True)
+    assert torch.allclose(stepped, (1 - sigma_next) * x0_edit + sigma_next * eps, atol=1e-5)

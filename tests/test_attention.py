@@ -122,3 +122,12 @@ def test_results_are_reproducible_bit_for_bit():
 def test_unknown_method():
     with pytest.raises(ValueError, match="method 'eigen' is not one of whitened, value, qkv-stack"):
         shift_operator(random_layer(8, 2), "eigen")
+
+
+def test_many_directions_of_a_wide_layer_are_exact():
+    """Asking for more directions than the Krylov basis holds falls back to the exact SVD."""
+    weights = random_layer(320, 8, seed=9, dtype=torch.float32)
+    vectors, gains = attention_directions(weights, 300, "value")
+    assert vectors.shape == (300, 320)
+    exact = torch.linalg.svdvals((weights.out @ weights.v).double())[:300].float()
+    assert torch.allclose(gains, exact, rtol=1e-4)

@@ -242,7 +242,18 @@ def test_bad_inputs_get_one_line_errors(kit, change, message):
     assert "\n" not in str(err.value)
 
 
+@pytest.mark.parametrize("shape", [(64, 64), (1, 64, 64), (1, 1, 64, 64), (1, 64, 64, 1)])
+def test_mask_layouts_are_accepted(kit, shape):
+    mask = torch.zeros(shape)
+    edited = kit.sample(kit.apply(mask=mask, alpha=1.0), steps=1)
+    assert torch.equal(edited, kit.sample(kit.model, steps=1))  # an all-zero mask edits nothing
+
+
 def test_mask_batch_must_fit(kit):
+    with pytest.raises(ValueError, match=r"mask: expected a MASK of shape \[H, W\] or \[batch, H, W\]"):
+        kit.apply(mask=torch.ones(2, 3, 64, 64))
+    with pytest.raises(ValueError, match="mask: 2 masks but alpha_list has 3 values"):
+        kit.apply(mask=torch.ones(2, 64, 64), alpha_list="0, 1, 2")
     with pytest.raises(ValueError, match="mask: 2 masks for a latent batch of 3 images"):
         kit.sample(kit.apply(mask=torch.ones(2, 64, 64)), steps=1, batch=3)
 

@@ -5,10 +5,8 @@ from safetensors import safe_open
 from directions_testing import sample_set
 from directions.fileformat import save_directions
 from graphs import save_loaded_directions
-from host import NodeFailed, PromptRejected
+from host import PACK_NODES, NodeFailed, PromptRejected
 
-PACK_NODES = {"SaveDirections", "LoadDirections", "DiscoverAttentionEigendirections", "ApplyDirection",
-              "AsyrpSampler", "LabelledImageGrid"}
 
 
 def file_contents(path):

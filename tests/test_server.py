@@ -14,12 +14,10 @@ from directions_testing import sample_set
 from directions.fileformat import save_directions
 from fetch_comfyui import ensure_host
 from graphs import save_loaded_directions
-from host import PACK_DIR_NAME, prepare_base
+from host import PACK_DIR_NAME, PACK_NODES, prepare_base
 
 START_TIMEOUT_S = 180
 PROMPT_TIMEOUT_S = 120
-PACK_NODES = {"SaveDirections", "LoadDirections", "DiscoverAttentionEigendirections", "ApplyDirection",
-              "AsyrpSampler", "LabelledImageGrid"}
 
 pytestmark = pytest.mark.server
 

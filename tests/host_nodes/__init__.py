@@ -5,7 +5,7 @@ download: a UNet of a real block structure with seeded weights, and seeded condi
 """
 import torch
 
-from .unets import FAMILIES, build_unet, build_vae
+from .unets import FAMILIES, build_unet, build_vae, with_gaussian_prior
 
 
 class TinyUNetLoader:
@@ -20,10 +20,13 @@ class TinyUNetLoader:
             "family": (sorted(FAMILIES),),
             "model_channels": ("INT", {"default": 32, "min": 32, "max": 320, "step": 32}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1}),
+        }, "optional": {
+            "denoiser": (["unet", "gaussian prior"], {"default": "unet"}),
         }}
 
-    def load(self, family, model_channels, seed):
-        return (build_unet(family, model_channels=model_channels, seed=seed),)
+    def load(self, family, model_channels, seed, denoiser="unet"):
+        model = build_unet(family, model_channels=model_channels, seed=seed)
+        return (with_gaussian_prior(model) if denoiser == "gaussian prior" else model,)
 
 
 class TinyVAELoader:

@@ -5,6 +5,7 @@ are the real ones; only the width (and for tests the context width and heads) is
 """
 import torch
 
+import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
@@ -34,10 +35,11 @@ FAMILIES = {"sd15": (comfy.supported_models.SD15, SD15_UNET),
 
 
 def build_unet(family="sd15", model_channels=32, context_dim=32, num_heads=4, seed=0,
-               dtype=torch.float32, full_size=False) -> comfy.model_patcher.ModelPatcher:
+               dtype=torch.float32, full_size=False, model_type="eps") -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher around a BaseModel of the given family, weights drawn from ``seed``.
 
-    ``full_size`` keeps the real widths, context and heads (for benchmarks).
+    ``full_size`` keeps the real widths, context and heads (for benchmarks). ``model_type``
+    ('eps', 'v_prediction' or 'flow') picks the host's prediction type and sampling schedule.
     """
     config_class, unet = FAMILIES[family]
     unet = dict(unet, dtype=dtype)
@@ -51,7 +53,8 @@ def build_unet(family="sd15", model_channels=32, context_dim=32, num_heads=4, se
     config.unet_config.update({k: unet[k] for k in ("num_heads", "num_head_channels")})
     # Stored in a low-precision dtype, computed in float32, as the host runs such checkpoints on a CPU.
     config.set_inference_dtype(dtype, None if dtype == torch.float32 else torch.float32)
-    model = config.get_model({}, device=torch.device("cpu"))
+    model_type = comfy.model_base.ModelType[model_type.upper()]
+    model = comfy.model_base.BaseModel(config, model_type=model_type, device=torch.device("cpu"))
     model.diffusion_model.load_state_dict(seeded_weights(model.diffusion_model, seed, dtype))
     return comfy.model_patcher.ModelPatcher(
         model, load_device=comfy.model_management.get_torch_device(),
@@ -80,3 +83,37 @@ def build_vae(seed=0) -> comfy.sd.VAE:
     weights = seeded_weights(template, seed, torch.float32)
     weights.update(vae_scale=torch.tensor(1.0), vae_shift=torch.tensor(0.0))
     return comfy.sd.VAE(sd=weights)
+
+
+class GaussianPriorDenoiser:
+    """A unet function wrapper that makes the tiny UNet behave like a trained denoiser.
+
+    The prediction becomes the exact posterior mean for data drawn from N(0, data_std^2), plus
+    ``unet_gain`` times the real UNet's own correction. Random weights alone predict noise that
+    has nothing to do with the input (and GroupNorm gives them a huge Jacobian on small inputs),
+    so inversion, which needs a denoiser that tracks its input, is tested in this regime.
+    """
+
+    def __init__(self, flow: bool, data_std: float = 1.0, unet_gain: float = 0.05):
+        self.flow, self.variance, self.unet_gain = flow, data_std ** 2, unet_gain
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, apply_model, args):
+        x, sigma = args["input"], args["timestep"].reshape(-1, *([1] * (args["input"].ndim - 1)))
+        denoised = apply_model(x, args["timestep"], **args["c"])
+        if self.flow:  # x = (1 - sigma) x0 + sigma eps
+            keep = 1 - sigma
+            optimal = x * keep * self.variance / (keep ** 2 * self.variance + sigma ** 2)
+        else:  # x = x0 + sigma eps (eps- and v-prediction alike)
+            optimal = x * self.variance / (self.variance + sigma ** 2)
+        return optimal + self.unet_gain * (denoised - x)
+
+
+def with_gaussian_prior(patcher, **options):
+    import comfy.model_sampling
+    flow = isinstance(patcher.get_model_object("model_sampling"), comfy.model_sampling.CONST)
+    wrapped = patcher.clone()
+    wrapped.set_model_unet_function_wrapper(GaussianPriorDenoiser(flow, **options))
+    return wrapped
