@@ -1,5 +1,6 @@
 """DDIM Invert and the DDIM Inversion Sampler: real images back to the noise that reconstructs them."""
 import logging
+import math
 
 import torch
 
@@ -64,12 +65,17 @@ class DDIMInvert:
     DESCRIPTION = (
         "Turns a real image's latent (from VAEEncode) into the noise latent that deterministic sampling maps "
         "back to it. Sample the result with KSamplerAdvanced (add_noise: disable) or SamplerCustom (add_noise "
-        "off) using the same steps and scheduler. Invert with the UNEDITED model and cfg 1; apply edits only to "
-        "the model that samples back.")
+        "off) using the same steps and scheduler; or give the noise output to SamplerCustomAdvanced (needed for "
+        "flow-matching models such as SD3 and Flux). Invert with the UNEDITED model and cfg 1; apply edits only "
+        "to the model that samples back.")
     CATEGORY = CATEGORY
     FUNCTION = "invert"
-    RETURN_TYPES = ("LATENT",)
-    OUTPUT_TOOLTIPS = ("The noise latent x_T on the host's scale, for sampling back with add_noise disabled.",)
+    RETURN_TYPES = ("LATENT", "NOISE")
+    RETURN_NAMES = ("latent", "noise")
+    OUTPUT_TOOLTIPS = (
+        "x_T on the host's latent scale, for KSamplerAdvanced with add_noise disabled (eps and v models).",
+        "The same x_T as a NOISE for SamplerCustomAdvanced: sampling starts exactly there with any latent of this "
+        "size, for every model type.")
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -101,19 +107,58 @@ class DDIMInvert:
             logging.warning("DDIM Invert: cfg %.2f > 1; inversion drifts at high guidance, 1 reconstructs best", cfg)
         sampling = model.get_model_object("model_sampling")
         sigmas = comfy.samplers.calculate_sigmas(sampling, scheduler, steps).flip(0)
-        if isinstance(sampling, comfy.model_sampling.CONST) and sigmas[-1] >= 1:
-            raise ValueError(f"scheduler: {scheduler} starts this flow-matching model at sigma 1, where a latent "
-                             f"cannot carry the inverted noise for add_noise-disabled sampling; use the DDIM "
-                             f"Inversion Sampler with a schedule that stops below 1")
         if positive is None:
             positive = zero_conditioning(model)
-        negative = positive if negative is None else negative
+        guider = comfy.samplers.CFGGuider(model)
+        guider.set_conds(positive, positive if negative is None else negative)
+        guider.set_cfg(cfg)
         progress = comfy.utils.ProgressBar(steps)
-        inverted = comfy.sample.sample_custom(
-            model, torch.zeros_like(samples), cfg, DDIMInversionSampler().get_sampler(refine)[0], sigmas,
-            positive, negative, samples, callback=lambda step, x0, x, total: progress.update_absolute(step + 1, total),
-            disable_pbar=True, seed=0)
-        return ({**latent, "samples": inverted},)
+        inverted = guider.sample(torch.zeros_like(samples), samples, UnscaledInversion(refine), sigmas, seed=0,
+                                 callback=lambda step, x0, x, total: progress.update_absolute(step + 1, total),
+                                 disable_pbar=True)
+        inverted = inverted.to(comfy.model_management.intermediate_device())
+        return ({**latent, "samples": inverted}, InvertedNoise(model, inverted, float(sigmas[-1])))
+
+
+class UnscaledInversion(comfy.samplers.Sampler):
+    """The inversion run inside the host's guider (conditioning, CFG, model loading) on the latent as it
+    is: a KSAMPLER would divide the result by 1 - sigma for flow models, which is 0 at sigma 1."""
+
+    def __init__(self, refine):
+        self.refine = refine
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        def model(x, sigma, **options):
+            return model_wrap(x, sigma, model_options=options["model_options"], seed=options.get("seed"))
+        total = len(sigmas) - 1
+        return inversion_sampler_function(model, latent_image, sigmas, extra_args, refine=self.refine,
+                                          callback=callback and (lambda d: callback(d["i"], d["x"], d["x"], total)))
+
+
+class InvertedNoise:
+    """NOISE for SamplerCustomAdvanced that makes sampling start exactly at the inverted x_T.
+
+    The host starts from noise_scaling(sigma, noise, latent): latent + noise * sqrt(1 + sigma^2)
+    (or * sigma) for eps and v models, sigma * noise + (1 - sigma) * latent for flow models, so
+    the noise is solved for from the latent the sampler is given.
+    """
+
+    def __init__(self, model, inverted, sigma: float):
+        self.seed, self.model, self.sigma = 0, model.model, sigma
+        self.start = self.model.process_latent_in(inverted)
+
+    def generate_noise(self, input_latent):
+        latent = input_latent["samples"]
+        if latent.shape != self.start.shape:
+            raise ValueError(f"noise: the sampler's latent has shape {list(latent.shape)} but the inverted noise "
+                             f"{list(self.start.shape)}; give it a latent of the inverted image's size")
+        latent = self.model.process_latent_in(latent) if torch.count_nonzero(latent) > 0 else torch.zeros_like(latent)
+        sampling, sigma = self.model.model_sampling, self.sigma
+        if isinstance(sampling, comfy.model_sampling.CONST):
+            return (self.start - (1 - sigma) * latent) / sigma
+        at_max = math.isclose(float(sampling.sigma_max), sigma, rel_tol=1e-5) or sigma > float(sampling.sigma_max)
+        return (self.start - latent) / (math.sqrt(1 + sigma ** 2) if at_max else sigma)
 
 
 def zero_conditioning(model):

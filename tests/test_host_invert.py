@@ -25,7 +25,7 @@ def test_refinement_solves_the_implicit_step_on_a_toy_denoiser():
     assert all(later < 1.2 * contraction * earlier for earlier, later in zip(errors, errors[1:]))
 
 
-def test_image():
+def gradient_image():
     pixels = torch.linspace(0, 1, 64)
     return torch.stack([pixels[None, :].expand(64, 64), pixels[:, None].expand(64, 64),
                         0.5 + 0.4 * torch.sin(pixels[None, :] * 12).expand(64, 64)], dim=-1)[None]
@@ -46,6 +46,7 @@ class Kit:
         self.latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5)) / 0.18215}
 
     def invert(self, model=None, latent=None, steps=10, scheduler="normal", cfg=1.0, refine=2, positive=None):
+        """The LATENT output of DDIM Invert."""
         return self.invert_node.invert(model or self.model, latent or self.latent, steps, scheduler, cfg, refine,
                                        positive=positive)[0]
 
@@ -134,20 +135,38 @@ def test_inversion_sampler_path_agrees_with_the_node(kit):
 
 
 def test_flow_matching_inverts_its_euler_ode(kit):
-    """A tiny UNet on the host's flow schedule: the sampler inverts the host's Euler steps."""
+    """A tiny UNet on the host's flow schedule, which starts at sigma 1: the NOISE output carries x_T."""
     import comfy.sample
     model = kit.build(seed=2, model_type="flow")
-    sampling = model.get_model_object("model_sampling")
-    sigmas = kit.samplers.calculate_sigmas(sampling, "normal", 10)[1:]  # stop below sigma 1
-    inversion = kit.host.nodes.NODE_CLASS_MAPPINGS["DDIMInversionSampler"]().get_sampler(4)[0]
+    sigmas = kit.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 25)
+    assert float(sigmas[0]) == 1.0
     samples = kit.latent["samples"]
-    inverted = comfy.sample.sample_custom(model, torch.zeros_like(samples), 1.0, inversion, sigmas.flip(0),
-                                          kit.conditioning(), kit.conditioning(), samples, seed=0)
-    back = comfy.sample.sample_custom(model, torch.zeros_like(samples), 1.0, kit.samplers.sampler_object("euler"),
-                                      sigmas, kit.conditioning(), kit.conditioning(), inverted, seed=0)
-    assert relative_error(back, samples) < 1e-2
-    with pytest.raises(ValueError, match="starts this flow-matching model at sigma 1"):
-        kit.invert(model=model)
+    inverted, noise = kit.invert_node.invert(model, kit.latent, 25, "normal", 1.0, 3, positive=kit.conditioning())
+    zeros = torch.zeros_like(samples)
+    back = comfy.sample.sample_custom(model, noise.generate_noise({"samples": zeros}), 1.0,
+                                      kit.samplers.sampler_object("euler"), sigmas, kit.conditioning(),
+                                      kit.conditioning(), zeros, seed=0)
+    assert relative_error(back, samples) < 1e-3
+    via_sampler = kit.host.nodes.NODE_CLASS_MAPPINGS["DDIMInversionSampler"]().get_sampler(3)[0]
+    lower = sigmas[1:]  # a KSAMPLER divides flow results by 1 - sigma: the sampler path stops below 1
+    stepped = comfy.sample.sample_custom(model, zeros, 1.0, via_sampler, lower.flip(0), kit.conditioning(),
+                                         kit.conditioning(), samples, seed=0)
+    back = comfy.sample.sample_custom(model, zeros, 1.0, kit.samplers.sampler_object("euler"), lower,
+                                      kit.conditioning(), kit.conditioning(), stepped, seed=0)
+    assert relative_error(back, samples) < 1e-3
+
+
+def test_noise_output_starts_sampling_at_the_inverted_latent(kit):
+    import comfy.sample
+    inverted, noise = kit.invert_node.invert(kit.model, kit.latent, 10, "normal", 1.0, 2, positive=kit.conditioning())
+    sigmas = kit.sigmas(10)
+    ddim = kit.samplers.sampler_object("ddim")
+    for given in (torch.zeros_like(inverted["samples"]), kit.latent["samples"]):
+        via_noise = comfy.sample.sample_custom(kit.model, noise.generate_noise({"samples": given}), 1.0, ddim, sigmas,
+                                               kit.conditioning(), kit.conditioning(), given, seed=0)
+        assert torch.allclose(via_noise, kit.sample_back(inverted), atol=1e-3, rtol=1e-3)
+    with pytest.raises(ValueError, match="noise: the sampler's latent has shape"):
+        noise.generate_noise({"samples": torch.zeros(1, 4, 16, 16)})
 
 
 def test_bad_inputs(kit):
@@ -184,7 +203,7 @@ def test_graph_invert_edit_and_reconstruct(host, kit):
     """image -> VAEEncode -> DDIM Invert -> Apply Direction -> KSamplerAdvanced -> VAEDecode -> SaveImage."""
     import numpy as np
     from PIL import Image
-    Image.fromarray((test_image()[0].numpy() * 255).round().astype(np.uint8)).save(host.base / "input" / "photo.png")
+    Image.fromarray((gradient_image()[0].numpy() * 255).round().astype(np.uint8)).save(host.base / "input" / "photo.png")
 
     def graph(alpha):
         return {
