@@ -15,17 +15,20 @@ from einops import rearrange
 PASSES = {"both": (0, 1), "cond": (0,), "uncond": (1,)}  # the host's cond_or_uncond codes: 0 cond, 1 uncond
 
 
-def parse_alphas(text: str) -> list:
-    """'-2, -1, 0, 1, 2' -> [-2.0, -1.0, 0.0, 1.0, 2.0]; every value must be a finite number."""
+def parse_numbers(text: str, name: str = "alpha_list") -> list:
+    """'-2, -1, 0, 1, 2' -> [-2.0, -1.0, 0.0, 1.0, 2.0]; every value must be a finite number.
+
+    ``name`` is the node input the text came from, for the error message.
+    """
     values = []
     for part in text.replace(";", ",").split(","):
         try:
             value = float(part)
         except ValueError:
-            raise ValueError(f"alpha_list: {part.strip()!r} is not a number; expected comma-separated "
+            raise ValueError(f"{name}: {part.strip()!r} is not a number; expected comma-separated "
                              f"numbers like -2,-1,0,1,2") from None
         if not math.isfinite(value):
-            raise ValueError(f"alpha_list: {part.strip()} is not finite")
+            raise ValueError(f"{name}: {part.strip()} is not finite")
         values.append(value)
     return values
 

@@ -1,7 +1,7 @@
 """Apply Direction: patch a clone of the MODEL so a direction is added at its sites inside a timestep range."""
 import math
 
-from ..directions.apply import PASSES, DirectionEdit, parse_alphas, shift_feature_map
+from ..directions.apply import PASSES, DirectionEdit, parse_numbers, shift_feature_map
 from ..directions.directionset import ATTN1, HSPACE, site_kind
 from . import unet
 from .common import CATEGORY, DIRECTIONS
@@ -106,7 +106,7 @@ class ApplyDirection:
 
     def apply(self, model, directions, index, layer, alpha, start_percent, end_percent, apply_to,
               mask=None, alpha_list=""):
-        alphas = parse_alphas(alpha_list) if alpha_list.strip() else [alpha]
+        alphas = parse_numbers(alpha_list) if alpha_list.strip() else [alpha]
         if not all(math.isfinite(a) for a in alphas):
             raise ValueError(f"alpha: {alpha} is not a finite number")
         if start_percent > end_percent:

@@ -14,7 +14,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 PACK_DIR_NAME = "comfyui-semantic-directions"
 PACK_NODES = {"SaveDirections", "LoadDirections", "DiscoverAttentionEigendirections", "ApplyDirection",
-              "AsyrpSampler", "LabelledImageGrid", "DDIMInvert", "DDIMInversionSampler"}
+              "AsyrpSampler", "LabelledImageGrid", "DDIMInvert", "DDIMInversionSampler", "SVDLatentAttribute",
+              "SVDLatentExplore", "SVDLatentAnalysis"}
 TEST_NODES_DIR_NAME = "semdir_test_nodes"
 sys.path.insert(0, str(REPO / "scripts"))
 from fetch_comfyui import ensure_host  # noqa: E402

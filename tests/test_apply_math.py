@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import directions_testing  # noqa: F401
-from directions.apply import DirectionEdit, mask_to_tokens, parse_alphas, rms_token_norm, shift_feature_map
+from directions.apply import DirectionEdit, mask_to_tokens, parse_numbers, rms_token_norm, shift_feature_map
 from directions.asyrp import ancestral_split, asyrp_step
 
 SITE = "input_blocks.1.1.transformer_blocks.0.attn1"
@@ -14,12 +14,12 @@ def unit(width, seed=0):
     return torch.nn.functional.normalize(torch.randn(width, generator=torch.Generator().manual_seed(seed)), dim=0)
 
 
-def test_parse_alphas():
-    assert parse_alphas("-2, -1,0 ,1,2.5") == [-2.0, -1.0, 0.0, 1.0, 2.5]
+def test_parse_numbers():
+    assert parse_numbers("-2, -1,0 ,1,2.5") == [-2.0, -1.0, 0.0, 1.0, 2.5]
     with pytest.raises(ValueError, match="alpha_list: 'x' is not a number; expected comma-separated"):
-        parse_alphas("1,x")
+        parse_numbers("1,x")
     with pytest.raises(ValueError, match="not finite"):
-        parse_alphas("1,inf")
+        parse_numbers("1,inf")
 
 
 def test_shift_has_the_documented_length_and_direction():
