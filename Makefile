@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 # torch for the test environment only: the pack itself never installs or pins torch.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: test env bench clean
+.PHONY: test env bench workflows clean
 
 ## make test: set up the test environment and the pinned ComfyUI host, then run every test.
 test: env
@@ -25,6 +25,10 @@ $(VENV)/.ready: requirements.txt requirements-test.txt scripts/fetch_comfyui.py 
 ## make bench: every benchmark, each printing one JSON object.
 bench: env
 	for script in benchmarks/bench_*.py; do $(VPY) $$script --json || exit 1; done
+
+## make workflows: write workflows/*.json again from their descriptions in scripts/build_workflows.py.
+workflows: env
+	$(VPY) scripts/build_workflows.py
 
 clean:
 	rm -rf $(VENV) .cache

@@ -47,8 +47,8 @@ class SVDLatentAttribute:
                 0.1, "Keeps the source vectors' values near the source's; without it quality drops."),
             "iterations": ("INT", {"default": 300, "min": 1, "max": 100000, "tooltip":
                            "Optimisation steps of the MLP fit (300 converges on SD latents)."}),
-            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "tooltip":
-                     "The MLP's initialisation; the same seed gives the same result."}),
+            "seed": ("INT", {"default": 0, "min": 0, "max": 0xffffffffffffffff, "control_after_generate": False,
+                             "tooltip": "The MLP's initialisation; the same seed gives the same result."}),
             "keep_rest": ("BOOLEAN", {"default": True, "tooltip":
                           "Keep the source's singular components beyond k as they are (on), so the leftover "
                           "noise stays intact; off drops them, the literal reading of the paper."}),

@@ -14,7 +14,7 @@ from directions_testing import sample_set
 from directions.fileformat import save_directions
 from fetch_comfyui import ensure_host
 from graphs import save_loaded_directions
-from host import PACK_DIR_NAME, PACK_NODES, prepare_base
+from host import PACK_DIR_NAME, PACK_NODES, REPO, prepare_base
 
 START_TIMEOUT_S = 180
 PROMPT_TIMEOUT_S = 120
@@ -96,3 +96,12 @@ def test_prompt_saves_and_loads_a_direction_file(server):
             safe_open(str(folder / "from_server.safetensors"), "pt") as b:
         assert a.metadata() == b.metadata()
         assert all(a.get_tensor(k).equal(b.get_tensor(k)) for k in a.keys())
+
+
+def test_the_host_lists_the_example_workflows_as_templates(server):
+    url, _, _ = server
+    templates = requests.get(f"{url}/workflow_templates", timeout=10).json()
+    shipped = sorted(path.stem for path in (REPO / "workflows").glob("*.json"))
+    assert shipped and sorted(templates[PACK_DIR_NAME]) == shipped
+    served = requests.get(f"{url}/api/workflow_templates/{PACK_DIR_NAME}/{shipped[0]}.json", timeout=10)
+    assert served.ok and served.json()["nodes"]

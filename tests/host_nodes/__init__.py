@@ -5,7 +5,7 @@ download: a UNet of a real block structure with seeded weights, and seeded condi
 """
 import torch
 
-from .unets import FAMILIES, build_unet, build_vae, with_gaussian_prior
+from .unets import FAMILIES, build_clip, build_unet, build_vae, with_gaussian_prior
 
 
 class TinyUNetLoader:
@@ -62,5 +62,21 @@ class TinyConditioning:
         return ([[torch.randn(1, tokens, context_dim, generator=generator), {}]],)
 
 
+class TinyCheckpointLoader:
+    """What example workflows load instead of CheckpointLoaderSimple in tests: the tiny SD1.5-shaped
+    UNet as a Gaussian-prior denoiser, SD1.5's text encoder at its context width, and the tiny VAE."""
+    CATEGORY = "testing"
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL", "CLIP", "VAE")
+    DESCRIPTION = "A tiny SD1.5-shaped checkpoint: MODEL, CLIP and VAE with seeded weights."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1})}}
+
+    def load(self, seed):
+        return with_gaussian_prior(build_unet("sd15", seed=seed)), build_clip(seed), build_vae(seed)
+
+
 NODE_CLASS_MAPPINGS = {"TinyUNetLoader": TinyUNetLoader, "TinyVAELoader": TinyVAELoader,
-                       "TinyConditioning": TinyConditioning}
+                       "TinyConditioning": TinyConditioning, "TinyCheckpointLoader": TinyCheckpointLoader}

@@ -9,6 +9,7 @@ import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
+import comfy.sd1_clip
 import comfy.supported_models
 import comfy.taesd.taesd
 
@@ -117,3 +118,26 @@ def with_gaussian_prior(patcher, **options):
     wrapped = patcher.clone()
     wrapped.set_model_unet_function_wrapper(GaussianPriorDenoiser(flow, **options))
     return wrapped
+
+
+TINY_CLIP_L = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
+               "projection_dim": 32}
+
+
+class _SD1TextEncoder:
+    """What comfy.sd.CLIP builds from: SD1.5's text encoder class and tokenizer (the real vocabulary)."""
+    params = {}
+    clip = comfy.sd1_clip.SD1ClipModel
+    tokenizer = comfy.sd1_clip.SD1Tokenizer
+
+
+def build_clip(seed=0) -> comfy.sd.CLIP:
+    """SD1.5's CLIP text encoder and tokenizer at width 32 (the tiny UNet's context width), seeded weights.
+
+    The width comes in through the host's own per-encoder config override (``clip_l_model_config``).
+    """
+    clip = comfy.sd.CLIP(_SD1TextEncoder(), model_options={"clip_l_model_config": dict(TINY_CLIP_L),
+                                                           "dtype": torch.float32})
+    model = clip.cond_stage_model
+    model.load_state_dict(seeded_weights(model, seed, torch.float32), strict=False)
+    return clip

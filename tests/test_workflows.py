@@ -1,0 +1,115 @@
+"""The example workflows: up to date with their descriptions, and run by the real host on the tiny model."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "scripts"))
+from build_workflows import WORKFLOWS, build_all  # noqa: E402
+from workflow_format import to_api  # noqa: E402
+
+TINY = {"CheckpointLoaderSimple": ("TinyCheckpointLoader", {"seed": 0})}
+
+
+def tiny_prompt(workflow: dict, registry) -> dict:
+    """The workflow in API format with the tiny checkpoint substituted for checkpoint loading."""
+    prompt = to_api(workflow, registry)
+    for node in prompt.values():
+        if node["class_type"] in TINY:
+            node["class_type"], node["inputs"] = TINY[node["class_type"]]
+    return prompt
+
+
+def load(name: str) -> dict:
+    return json.loads((WORKFLOWS / name).read_text(encoding="utf-8"))
+
+
+def test_workflow_files_match_their_descriptions(host):
+    built = build_all(host.nodes.NODE_CLASS_MAPPINGS)
+    on_disk = {path.name: path.read_text(encoding="utf-8") for path in WORKFLOWS.glob("*.json")}
+    assert set(on_disk) == set(built), "run `make workflows` to write workflows/ again"
+    for name, text in built.items():
+        assert on_disk[name] == text, f"{name} is out of date: run `make workflows`"
+
+
+def test_converter_reads_the_front_ends_own_saved_workflows(host):
+    """The host's bundled templates were saved by the real front end: every one made only of
+    installed nodes converts with each widget value accounted for. (SaveGLB is left out: the front
+    end stores its 3D viewer's state as one more widget value.)"""
+    import importlib.util
+    registry = {name: cls for name, cls in host.nodes.NODE_CLASS_MAPPINGS.items() if name != "SaveGLB"}
+    converted = 0
+    for package in ("comfyui_workflow_templates_media_image", "comfyui_workflow_templates_media_other",
+                    "comfyui_workflow_templates_media_video"):
+        spec = importlib.util.find_spec(package)
+        if spec is None:
+            continue
+        for path in sorted((Path(spec.origin).parent / "templates").glob("*.json")):
+            workflow = json.loads(path.read_text(encoding="utf-8"))
+            if "nodes" not in workflow or workflow.get("definitions"):
+                continue
+            types = {node["type"] for node in workflow["nodes"]} - {"Note", "MarkdownNote"}
+            if not types <= set(registry) or any(node.get("mode", 0) for node in workflow["nodes"]):
+                continue
+            to_api(workflow, registry)
+            converted += 1
+    print("front-end templates converted:", converted)
+    assert converted >= 40
+
+
+def write_photo(host, name="example.png", size=64):
+    pixels = np.linspace(0, 1, size)
+    image = np.stack([np.broadcast_to(pixels[None, :], (size, size)), np.broadcast_to(pixels[:, None], (size, size)),
+                      0.5 + 0.4 * np.sin(np.broadcast_to(pixels[None, :], (size, size)) * 12)], axis=-1)
+    Image.fromarray((image * 255).round().astype(np.uint8)).save(host.base / "input" / name)
+
+
+def saved(host, outputs, node_id):
+    entry = outputs[node_id]["images"][0]
+    folder = host.base / ("output" if entry["type"] == "output" else "temp")
+    return np.asarray(Image.open(folder / entry["subfolder"] / entry["filename"]), dtype=np.float32)
+
+
+def psnr(a, b):
+    return 10 * np.log10(255 ** 2 / np.mean((a - b) ** 2))
+
+
+def test_edit_real_image_workflow(host):
+    """Workflow 2 inverts with the unedited model, and its reconstruction matches the photo as well as
+    the VAE's own round trip allows; the edited image differs from it."""
+    registry = host.nodes.NODE_CLASS_MAPPINGS
+    workflow = load("edit_real_image.json")
+    by_type = {}
+    for node in workflow["nodes"]:
+        by_type.setdefault(node["type"], []).append(node)
+    invert = by_type["DDIMInvert"][0]
+    model_link = next(slot["link"] for slot in invert["inputs"] if slot["name"] == "model")
+    origin = next(link[1] for link in workflow["links"] if link[0] == model_link)
+    assert origin == by_type["CheckpointLoaderSimple"][0]["id"], "DDIM Invert must take the unedited model"
+
+    write_photo(host)
+    prompt = tiny_prompt(workflow, registry)
+    outputs = host.run(prompt, cached=False)
+    output_nodes = [node_id for node_id, node in prompt.items() if getattr(registry[node["class_type"]],
+                                                                           "OUTPUT_NODE", False)]
+    assert output_nodes and all(outputs[node_id]["images"] for node_id in output_nodes)
+    images = {}
+    for node_id in output_nodes:
+        if prompt[node_id]["class_type"] == "SaveImage":
+            images[prompt[node_id]["inputs"]["filename_prefix"]] = saved(host, outputs, node_id)
+    round_trip = host.run({
+        "c": {"class_type": "TinyCheckpointLoader", "inputs": {"seed": 0}},
+        "i": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
+        "e": {"class_type": "VAEEncode", "inputs": {"pixels": ["i", 0], "vae": ["c", 2]}},
+        "d": {"class_type": "VAEDecode", "inputs": {"samples": ["e", 0], "vae": ["c", 2]}},
+        "s": {"class_type": "SaveImage", "inputs": {"images": ["d", 0], "filename_prefix": "round_trip"}},
+    }, cached=False)
+    reference = saved(host, round_trip, "s")
+    reconstruction, edited = images["semdir_reconstruction"], images["semdir_edited"]
+    print("workflow reconstruction PSNR against the VAE round trip:", psnr(reconstruction, reference),
+          "edited:", psnr(edited, reference))
+    assert psnr(reconstruction, reference) > 35
+    assert np.abs(edited - reconstruction).max() > 10
