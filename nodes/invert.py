@@ -100,9 +100,12 @@ class DDIMInvert:
             raise ValueError(f"latent: expected a 4-D (or 5-D video) latent, got shape {list(samples.shape)}")
         if samples.shape[0] == 0:
             raise ValueError("latent: the batch is empty")
-        if steps < 1 or not 0 <= refine <= MAX_REFINE or not 0 <= cfg <= MAX_CFG:
-            raise ValueError(f"steps must be at least 1, refine 0 to {MAX_REFINE} and cfg 0 to {MAX_CFG} "
-                             f"(got {steps}, {refine}, {cfg})")
+        if steps < 1:
+            raise ValueError(f"steps: expected at least 1, got {steps}")
+        if not 0 <= refine <= MAX_REFINE:
+            raise ValueError(f"refine: expected 0 to {MAX_REFINE} fixed-point iterations per step, got {refine}")
+        if not 0 <= cfg <= MAX_CFG:
+            raise ValueError(f"cfg: expected 0 to {MAX_CFG} (1 inverts best), got {cfg}")
         if cfg > 1:
             logging.warning("DDIM Invert: cfg %.2f > 1; inversion drifts at high guidance, 1 reconstructs best", cfg)
         sampling = model.get_model_object("model_sampling")

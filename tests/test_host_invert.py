@@ -174,8 +174,12 @@ def test_bad_inputs(kit):
         kit.invert(latent={"samples": torch.zeros(4, 8, 8)})
     with pytest.raises(ValueError, match="latent: the batch is empty"):
         kit.invert(latent={"samples": torch.zeros(0, 4, 8, 8)})
-    with pytest.raises(ValueError, match="refine 0 to 20"):
+    with pytest.raises(ValueError, match="refine: expected 0 to 20 fixed-point iterations per step, got 50"):
         kit.invert(refine=50)
+    with pytest.raises(ValueError, match="steps: expected at least 1, got 0"):
+        kit.invert(steps=0)
+    with pytest.raises(ValueError, match=r"cfg: expected 0 to 30.0 \(1 inverts best\), got -1"):
+        kit.invert(cfg=-1.0)
 
 
 def test_high_cfg_warns(kit, caplog):
