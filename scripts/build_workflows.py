@@ -11,11 +11,12 @@ import tempfile
 import uuid
 from pathlib import Path
 
-from workflow_format import extra_widget_value, is_widget
+from workflow_format import MUTED, extra_widget_value, is_widget
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO / "workflows"
 SD15_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
+SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
 COLUMN = 380
 NOTE_COLOUR = {"color": "#432", "bgcolor": "#653"}
 
@@ -23,7 +24,7 @@ NOTE_COLOUR = {"color": "#432", "bgcolor": "#653"}
 class Node:
     def __init__(self, graph, node_id, node_type, pos, values, title=None):
         self.graph, self.id, self.type, self.pos, self.values, self.title = graph, node_id, node_type, pos, values, title
-        self.inputs, self.widgets, self.outputs = [], [], []
+        self.inputs, self.widgets, self.outputs, self.mode = [], [], [], 0
 
     def __getitem__(self, output):
         """node["IMAGE"] or node[1]: one of this node's outputs, to link to another node's input."""
@@ -88,7 +89,7 @@ class Graph:
         nodes = []
         for order, node in enumerate(self.nodes):
             entry = {"id": node.id, "type": node.type, "pos": node.pos, "size": size(node), "flags": {},
-                     "order": order, "mode": 0, "inputs": node.inputs,
+                     "order": order, "mode": node.mode, "inputs": node.inputs,
                      "outputs": [{**slot, "links": slot["links"] or None} for slot in node.outputs],
                      "properties": {"Node name for S&R": node.type} if node.type != "MarkdownNote" else {},
                      "widgets_values": node.widgets}
@@ -162,7 +163,189 @@ def edit_real_image(registry) -> Graph:
     return g
 
 
-WORKFLOW_BUILDERS = {"edit_real_image": edit_real_image}
+PORTRAIT = "a portrait photo of a person, natural light, detailed"
+NEGATIVE = "blurry, lowres, deformed"
+SWEEP = "-1, -0.5, 0, 0.5, 1"
+
+
+def prompts(g, checkpoint, column, positive=PORTRAIT):
+    return (g.add("CLIPTextEncode", (column, 0), "Prompt", clip=checkpoint["CLIP"], text=positive),
+            g.add("CLIPTextEncode", (column, 260), "Negative prompt", clip=checkpoint["CLIP"], text=NEGATIVE))
+
+
+def discover_and_sweep(registry, checkpoint_name=SD15_CHECKPOINT, size=512, family="SD1.5") -> Graph:
+    """Workflow 1 (and 5 for SDXL): directions from the weights, one sampler call renders a strength
+    sweep as a batch, the grid labels it; the spectrum says how many directions matter."""
+    g = Graph(registry)
+    checkpoint = g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=checkpoint_name)
+    positive, negative = prompts(g, checkpoint, 1)
+    discover = g.add("DiscoverAttentionEigendirections", (2, 0), model=checkpoint["MODEL"], layers="all", count=10,
+                     method="whitened", token_variance=1.0)
+    spectrum = g.add("PreviewImage", (2, 240), images=discover["spectrum"])
+    edit = g.add("ApplyDirection", (3, 0), model=checkpoint["MODEL"], directions=discover["directions"], index=0,
+                 layer="all", alpha=0.5, start_percent=0.0, end_percent=0.6, apply_to="both", alpha_list=SWEEP)
+    latent = g.add("EmptyLatentImage", (3, 420), width=size, height=size, batch_size=5)
+    sampler = g.add("KSampler", (4, 0), model=edit["MODEL"], seed=42, steps=25, cfg=7.0, sampler_name="euler",
+                    scheduler="normal", positive=positive["CONDITIONING"], negative=negative["CONDITIONING"],
+                    latent_image=latent["LATENT"], denoise=1.0)
+    decoded = g.add("VAEDecode", (5, 0), samples=sampler["LATENT"], vae=checkpoint["VAE"])
+    grid = g.add("LabelledImageGrid", (5, 160), images=decoded["IMAGE"], labels=SWEEP, columns=0)
+    save = g.add("SaveImage", (6, 0), images=grid["IMAGE"], filename_prefix="semdir_sweep")
+    notes = [
+        g.note(f"**1. Load** a {family} checkpoint and write a prompt.", (0, -220)),
+        g.note("**2. Discover** directions from the attention weights alone (well under a second). The spectrum "
+               "shows how fast each layer's gains fall: the first few directions matter most.", (2, -220)),
+        g.note("**3. Sweep** direction `index` over the alphas in `alpha_list`: image i of the batch gets value i, "
+               "so keep EmptyLatentImage's batch_size equal to the list's length. Try other indices, and "
+               "`layer` such as input_blocks.8 or middle_block for more local or global edits.", (3, -220)),
+        g.note("**4. The grid** labels each image with its alpha; alpha 0 is the unedited image.", (5, -220)),
+    ]
+    g.group("1. Load and prompt", checkpoint, positive, negative, notes[0])
+    g.group("2. Discover", discover, spectrum, notes[1])
+    g.group("3. Sweep", edit, latent, sampler, notes[2])
+    g.group("4. Grid", decoded, grid, save, notes[3])
+    return g
+
+
+def asyrp_edit(registry) -> Graph:
+    """Workflow 3: Apply Direction on an encoder layer, sampled with the Asyrp asymmetric step through
+    SamplerCustomAdvanced, beside the same seed unedited."""
+    g = Graph(registry)
+    checkpoint = g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=SD15_CHECKPOINT)
+    positive, negative = prompts(g, checkpoint, 1)
+    discover = g.add("DiscoverAttentionEigendirections", (2, 0), model=checkpoint["MODEL"], layers="input_blocks.8",
+                     count=10, method="whitened", token_variance=1.0)
+    edit = g.add("ApplyDirection", (2, 240), model=checkpoint["MODEL"], directions=discover["directions"], index=0,
+                 layer="input_blocks.8", alpha=0.6, start_percent=0.0, end_percent=0.5, apply_to="both")
+    noise = g.add("RandomNoise", (3, 0), noise_seed=7)
+    asyrp = g.add("AsyrpSampler", (3, 140), boost_eta=0.0, boost_start_percent=0.8)
+    schedule = g.add("BasicScheduler", (3, 280), model=checkpoint["MODEL"], scheduler="normal", steps=40, denoise=1.0)
+    latent = g.add("EmptyLatentImage", (3, 460), width=512, height=512, batch_size=1)
+    columns = []
+    for row, (name, model) in enumerate((("edited", edit["MODEL"]), ("unedited", checkpoint["MODEL"]))):
+        guider = g.add("CFGGuider", (4, row * 420), f"Guider: {name}", model=model,
+                       positive=positive["CONDITIONING"], negative=negative["CONDITIONING"], cfg=7.0)
+        sample = g.add("SamplerCustomAdvanced", (5, row * 420), f"Sample: {name}", noise=noise["NOISE"],
+                       guider=guider["GUIDER"], sampler=asyrp["SAMPLER"], sigmas=schedule["SIGMAS"],
+                       latent_image=latent["LATENT"])
+        decoded = g.add("VAEDecode", (6, row * 420), samples=sample["output"], vae=checkpoint["VAE"])
+        columns += [guider, sample, decoded, g.add("SaveImage", (7, row * 420), images=decoded["IMAGE"],
+                                                   filename_prefix=f"semdir_asyrp_{name}")]
+    notes = [
+        g.note("**1. Discover and apply** a direction at an encoder layer (or at `h_space`, from a direction "
+               "file with an h_space site), on the first half of sampling.", (2, -220)),
+        g.note("**2. Asyrp Sampler**: on the edited steps x0 comes from the edited model and the noise direction "
+               "from the unedited one, in one batched UNet call; elsewhere it is plain DDIM. The unedited row "
+               "uses the same noise and sampler.", (3, -220)),
+    ]
+    g.group("1. Load and prompt", checkpoint, positive, negative)
+    g.group("2. Discover and apply", discover, edit, notes[0])
+    g.group("3. Asyrp sampling", noise, asyrp, schedule, latent, notes[1])
+    g.group("4. Edited and unedited", *columns)
+    return g
+
+
+def svd_attribute(registry) -> Graph:
+    """Workflow 4: a prompt pair sampled part way with the same seed, the attribute moved through the
+    latents' singular values, sampling resumed with the source prompt; the spectra of the source's
+    trajectory plotted."""
+    g = Graph(registry)
+    checkpoint = g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=SD15_CHECKPOINT)
+    source_prompt = g.add("CLIPTextEncode", (1, 0), "Source prompt", clip=checkpoint["CLIP"],
+                          text="a photo of a man, portrait, natural light")
+    target_prompt = g.add("CLIPTextEncode", (1, 260), "Target prompt (the attribute)", clip=checkpoint["CLIP"],
+                          text="a photo of a man with glasses, portrait, natural light")
+    negative = g.add("CLIPTextEncode", (1, 520), "Negative prompt", clip=checkpoint["CLIP"], text=NEGATIVE)
+    latent = g.add("EmptyLatentImage", (1, 780), width=512, height=512, batch_size=1)
+
+    def partial(title, prompt, end, at):
+        return g.add("KSamplerAdvanced", at, title, model=checkpoint["MODEL"], add_noise="enable", noise_seed=3,
+                     steps=30, cfg=7.0, sampler_name="ddim", scheduler="normal", positive=prompt["CONDITIONING"],
+                     negative=negative["CONDITIONING"], latent_image=latent["LATENT"], start_at_step=0,
+                     end_at_step=end, return_with_leftover_noise="enable")
+
+    def resume(title, prompt, latent_in, at):
+        return g.add("KSamplerAdvanced", at, title, model=checkpoint["MODEL"], add_noise="disable", noise_seed=3,
+                     steps=30, cfg=7.0, sampler_name="ddim", scheduler="normal", positive=prompt["CONDITIONING"],
+                     negative=negative["CONDITIONING"], latent_image=latent_in, start_at_step=12,
+                     end_at_step=10000, return_with_leftover_noise="disable")
+    source = partial("Source to step 12", source_prompt, 12, (2, 0))
+    target = partial("Target to step 12", target_prompt, 12, (2, 420))
+    attribute = g.add("SVDLatentAttribute", (3, 0), source=source["LATENT"], target=target["LATENT"], k=16, m=8,
+                      target_weight=1.0, source_weight=1.0, target_values_weight=0.1, source_values_weight=0.1,
+                      iterations=300, seed=0, keep_rest=True)
+    outputs = []
+    for row, (name, latent_in) in enumerate((("edited", attribute["LATENT"]), ("original", source["LATENT"]))):
+        resumed = resume(f"Resume with the source prompt: {name}", source_prompt, latent_in, (4, row * 420))
+        decoded = g.add("VAEDecode", (5, row * 420), samples=resumed["LATENT"], vae=checkpoint["VAE"])
+        outputs += [resumed, decoded, g.add("SaveImage", (6, row * 420), images=decoded["IMAGE"],
+                                            filename_prefix=f"semdir_svd_{name}")]
+    early = partial("Source to step 6", source_prompt, 6, (2, 840))
+    late = partial("Source to step 18", source_prompt, 18, (2, 1260))
+    first_two = g.add("LatentBatch", (3, 840), samples1=early["LATENT"], samples2=source["LATENT"])
+    trajectory = g.add("LatentBatch", (3, 980), samples1=first_two["LATENT"], samples2=late["LATENT"])
+    analysis = g.add("SVDLatentAnalysis", (4, 840), latents=trajectory["LATENT"], k=8)
+    plot = g.add("PreviewImage", (5, 840), images=analysis["IMAGE"])
+    notes = [
+        g.note("**1. Two prompts, one seed**: the source and the target differ only in the attribute. Both stop "
+               "at step 12 of 30 with their leftover noise.", (1, -220)),
+        g.note("**2. SVD Latent Attribute** keeps the source's leading singular vectors and takes m from the "
+               "target; a small MLP fits their values. Raise m or target_weight for a stronger attribute, "
+               "source_weight to keep more of the original.", (3, -220)),
+        g.note("**3. Resume with the SOURCE prompt** from the same step (add_noise: disable), beside the "
+               "unedited original.", (4, -220)),
+        g.note("**Analysis**: the source at steps 6, 12 and 18; the leading subspaces settle early.", (4, 1120)),
+    ]
+    g.group("1. Prompt pair to step 12", checkpoint, source_prompt, target_prompt, negative, latent, source, target,
+            notes[0])
+    g.group("2. Attribute", attribute, notes[1])
+    g.group("3. Resume and save", *outputs, notes[2])
+    g.group("Analysis of the source's trajectory", early, late, first_two, trajectory, analysis, plot, notes[3])
+    return g
+
+
+def save_and_reuse(registry) -> Graph:
+    """Workflow 6: discover once and save; load the file and apply it on another seed. The load group
+    starts muted: run once, refresh (R), unmute it (Ctrl+M) and run again."""
+    g = Graph(registry)
+    checkpoint = g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=SD15_CHECKPOINT)
+    positive, negative = prompts(g, checkpoint, 1)
+    discover = g.add("DiscoverAttentionEigendirections", (2, 0), model=checkpoint["MODEL"], layers="all", count=10,
+                     method="whitened", token_variance=1.0)
+    save = g.add("SaveDirections", (3, 0), directions=discover["directions"], filename="portrait/whitened",
+                 overwrite=True)
+    load = g.add("LoadDirections", (2, 420), file="portrait/whitened.safetensors")
+    summary = g.add("PreviewAny", (3, 420), source=load["summary"])
+    edit = g.add("ApplyDirection", (3, 640), model=checkpoint["MODEL"], directions=load["directions"], index=1,
+                 layer="all", alpha=0.5, start_percent=0.0, end_percent=0.6, apply_to="both")
+    latent = g.add("EmptyLatentImage", (4, 640), width=512, height=512, batch_size=1)
+    sampler = g.add("KSampler", (5, 420), model=edit["MODEL"], seed=1234, steps=25, cfg=7.0, sampler_name="euler",
+                    scheduler="normal", positive=positive["CONDITIONING"], negative=negative["CONDITIONING"],
+                    latent_image=latent["LATENT"], denoise=1.0)
+    decoded = g.add("VAEDecode", (6, 420), samples=sampler["LATENT"], vae=checkpoint["VAE"])
+    image = g.add("SaveImage", (7, 420), images=decoded["IMAGE"], filename_prefix="semdir_reused")
+    reuse = [load, summary, edit, latent, sampler, decoded, image]
+    for node in reuse:
+        node.mode = MUTED
+    notes = [
+        g.note("**1. Discover and save** to models/directions/portrait/whitened.safetensors (the file records the "
+               "model it belongs to; loading it on another model is an error).", (2, -220)),
+        g.note("**2. Reuse**: this group starts muted. After the first run press R (refresh) so Load Directions "
+               "lists the file, select this group, press Ctrl+M to unmute, and run with any seed.", (4, 200)),
+    ]
+    g.group("1. Discover and save", checkpoint, positive, negative, discover, save, notes[0])
+    g.group("2. Load and apply on another seed", *reuse, notes[1], colour="#8A8")
+    return g
+
+
+WORKFLOW_BUILDERS = {
+    "discover_and_sweep": discover_and_sweep,
+    "edit_real_image": edit_real_image,
+    "asyrp_edit": asyrp_edit,
+    "svd_attribute": svd_attribute,
+    "sdxl_discover_and_sweep": lambda registry: discover_and_sweep(registry, SDXL_CHECKPOINT, 1024, "SDXL"),
+    "save_and_reuse": save_and_reuse,
+}
 
 
 def build_all(registry) -> dict:

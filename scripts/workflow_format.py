@@ -30,16 +30,20 @@ def extra_widget_value(name: str, config):
     return uploads[0].removesuffix("_upload") if uploads else None
 
 
+ACTIVE, MUTED = 0, 2  # the front end's node modes; 4 (bypassed) would need rewiring and is refused
+
+
 def to_api(workflow: dict, registry: dict) -> dict:
-    """A UI-format workflow as an API-format prompt. Notes are dropped; muted or bypassed nodes,
-    and nodes the registry does not know, are errors (the examples use neither)."""
+    """A UI-format workflow as an API-format prompt, as the front end queues it: notes and muted
+    nodes are left out. Bypassed nodes, and nodes the registry does not know, are errors."""
     links = {link[0]: link for link in workflow["links"]}
+    modes = {node["id"]: node.get("mode", ACTIVE) for node in workflow["nodes"]}
     prompt = {}
     for node in workflow["nodes"]:
-        if node["type"] in FRONT_END_ONLY:
+        if node["type"] in FRONT_END_ONLY or modes[node["id"]] == MUTED:
             continue
-        if node.get("mode", 0) != 0:
-            raise ValueError(f"node {node['id']} ({node['type']}) is muted or bypassed")
+        if modes[node["id"]] != ACTIVE:
+            raise ValueError(f"node {node['id']} ({node['type']}) is bypassed")
         if node["type"] not in registry:
             raise ValueError(f"node {node['id']}: type {node['type']} is not installed")
         spec = registry[node["type"]].INPUT_TYPES()
@@ -47,6 +51,9 @@ def to_api(workflow: dict, registry: dict) -> dict:
         for slot in node.get("inputs", []):
             if slot.get("link") is not None:
                 _, origin, origin_slot, _, _, _ = links[slot["link"]]
+                if modes.get(origin) != ACTIVE:
+                    raise ValueError(f"node {node['id']} ({node['type']}): input {slot['name']} comes from "
+                                     f"node {origin}, which is muted")
                 inputs[slot["name"]] = [str(origin), origin_slot]
         values = list(node.get("widgets_values", []))
         for name, config in {**spec.get("required", {}), **spec.get("optional", {})}.items():

@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -11,16 +12,36 @@ sys.path.insert(0, str(REPO / "scripts"))
 from build_workflows import WORKFLOWS, build_all  # noqa: E402
 from workflow_format import to_api  # noqa: E402
 
-TINY = {"CheckpointLoaderSimple": ("TinyCheckpointLoader", {"seed": 0})}
+TINY_CHECKPOINT = ("TinyCheckpointLoader", {"seed": 0})
+TINY_SIZE = 128  # pixels: a 16 x 16 latent, as many singular vectors as the SVD workflow takes
 
 
 def tiny_prompt(workflow: dict, registry) -> dict:
-    """The workflow in API format with the tiny checkpoint substituted for checkpoint loading."""
+    """The workflow in API format with the tiny checkpoint substituted for checkpoint loading and
+    empty latents shrunk to TINY_SIZE (image loading reads the tiny photo write_photo puts in input/)."""
     prompt = to_api(workflow, registry)
     for node in prompt.values():
-        if node["class_type"] in TINY:
-            node["class_type"], node["inputs"] = TINY[node["class_type"]]
+        if node["class_type"] == "CheckpointLoaderSimple":
+            node["class_type"], node["inputs"] = TINY_CHECKPOINT[0], dict(TINY_CHECKPOINT[1])
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=TINY_SIZE, height=TINY_SIZE)
     return prompt
+
+
+def output_nodes(prompt: dict, registry) -> list:
+    return [node_id for node_id, node in prompt.items() if getattr(registry[node["class_type"]], "OUTPUT_NODE", False)]
+
+
+def run_everything(host, workflow: dict) -> dict:
+    """Runs the workflow on the tiny model; every output node must produce output."""
+    registry = host.nodes.NODE_CLASS_MAPPINGS
+    write_photo(host)
+    prompt = tiny_prompt(workflow, registry)
+    outputs = host.run(prompt, cached=False)
+    silent = [f"{node_id} ({prompt[node_id]['class_type']})" for node_id in output_nodes(prompt, registry)
+              if not any(outputs.get(node_id, {}).values())]
+    assert output_nodes(prompt, registry) and not silent, f"output nodes without output: {silent}"
+    return outputs
 
 
 def load(name: str) -> dict:
@@ -77,31 +98,18 @@ def psnr(a, b):
     return 10 * np.log10(255 ** 2 / np.mean((a - b) ** 2))
 
 
-def test_edit_real_image_workflow(host):
+def check_edit_real_image(host, workflow, outputs):
     """Workflow 2 inverts with the unedited model, and its reconstruction matches the photo as well as
     the VAE's own round trip allows; the edited image differs from it."""
-    registry = host.nodes.NODE_CLASS_MAPPINGS
-    workflow = load("edit_real_image.json")
     by_type = {}
     for node in workflow["nodes"]:
         by_type.setdefault(node["type"], []).append(node)
-    invert = by_type["DDIMInvert"][0]
-    model_link = next(slot["link"] for slot in invert["inputs"] if slot["name"] == "model")
+    model_link = next(slot["link"] for slot in by_type["DDIMInvert"][0]["inputs"] if slot["name"] == "model")
     origin = next(link[1] for link in workflow["links"] if link[0] == model_link)
     assert origin == by_type["CheckpointLoaderSimple"][0]["id"], "DDIM Invert must take the unedited model"
-
-    write_photo(host)
-    prompt = tiny_prompt(workflow, registry)
-    outputs = host.run(prompt, cached=False)
-    output_nodes = [node_id for node_id, node in prompt.items() if getattr(registry[node["class_type"]],
-                                                                           "OUTPUT_NODE", False)]
-    assert output_nodes and all(outputs[node_id]["images"] for node_id in output_nodes)
-    images = {}
-    for node_id in output_nodes:
-        if prompt[node_id]["class_type"] == "SaveImage":
-            images[prompt[node_id]["inputs"]["filename_prefix"]] = saved(host, outputs, node_id)
+    images = {node["widgets_values"][0]: saved(host, outputs, str(node["id"])) for node in by_type["SaveImage"]}
     round_trip = host.run({
-        "c": {"class_type": "TinyCheckpointLoader", "inputs": {"seed": 0}},
+        "c": {"class_type": TINY_CHECKPOINT[0], "inputs": dict(TINY_CHECKPOINT[1])},
         "i": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
         "e": {"class_type": "VAEEncode", "inputs": {"pixels": ["i", 0], "vae": ["c", 2]}},
         "d": {"class_type": "VAEDecode", "inputs": {"samples": ["e", 0], "vae": ["c", 2]}},
@@ -113,3 +121,25 @@ def test_edit_real_image_workflow(host):
           "edited:", psnr(edited, reference))
     assert psnr(reconstruction, reference) > 35
     assert np.abs(edited - reconstruction).max() > 10
+
+
+def check_save_and_reuse(host, workflow, outputs):
+    """The reuse group starts muted: unmute it, as the note says, and run again; it loads the file."""
+    for node in workflow["nodes"]:
+        node["mode"] = 0
+    outputs = run_everything(host, workflow)
+    summary = next(node["id"] for node in workflow["nodes"] if node["type"] == "PreviewAny")
+    assert "whitened" in str(outputs[str(summary)])
+
+
+EXTRA_CHECKS = {"edit_real_image.json": check_edit_real_image, "save_and_reuse.json": check_save_and_reuse}
+
+
+@pytest.mark.parametrize("name", sorted(path.name for path in WORKFLOWS.glob("*.json")))
+def test_every_workflow_runs_on_the_real_host(host, name):
+    workflow = load(name)
+    assert any(node["type"] == "MarkdownNote" for node in workflow["nodes"]), "explain the graph in a note"
+    assert len(workflow["groups"]) >= 2
+    outputs = run_everything(host, workflow)
+    if name in EXTRA_CHECKS:
+        EXTRA_CHECKS[name](host, workflow, outputs)
