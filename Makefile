@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 # torch for the test environment only: the pack itself never installs or pins torch.
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: test env bench workflows clean
+.PHONY: test env bench demo workflows clean
 
 ## make test: set up the test environment and the pinned ComfyUI host, then run every test.
 test: env
@@ -21,6 +21,10 @@ $(VENV)/.ready: requirements.txt requirements-test.txt scripts/fetch_comfyui.py 
 		> $(VENV)/host-requirements.txt
 	$(VPY) -m pip install --quiet -r $(VENV)/host-requirements.txt -r requirements.txt -r requirements-test.txt
 	touch $@
+
+## make demo: the pack's main job on the pinned host; CKPT=/path/model.safetensors for a real SD1.5 or SDXL model.
+demo: env
+	$(VPY) scripts/demo.py
 
 ## make bench: every benchmark, each printing one JSON object.
 bench: env

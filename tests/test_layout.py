@@ -76,3 +76,10 @@ def test_registry_metadata_and_version():
     sys.path.insert(0, str(REPO))
     import directions
     assert directions.__version__ == project["version"]
+
+
+def test_registry_security_checks_pass():
+    """The Comfy Registry's `node validate` runs ruff with these rules (exec, eval, `;` statements)."""
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--select", "S102,S307,E702",
+                             "--exclude", ".venv,.cache", str(REPO)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
