@@ -124,26 +124,26 @@ def edit_real_image(registry) -> Graph:
     encode = g.add("VAEEncode", (1, 440), pixels=image["IMAGE"], vae=checkpoint["VAE"])
     invert = g.add("DDIMInvert", (2, 0), model=checkpoint["MODEL"], latent=encode["LATENT"], steps=50,
                    scheduler="normal", cfg=1.0, refine=2, positive=describe["CONDITIONING"])
-    discover = g.add("DiscoverAttentionEigendirections", (2, 300), model=checkpoint["MODEL"], layers="all", count=10,
+    discover = g.add("DiscoverAttentionEigendirections", (3, 0), model=checkpoint["MODEL"], layers="all", count=10,
                      method="whitened", token_variance=1.0)
-    preview_spectrum = g.add("PreviewImage", (2, 520), images=discover["spectrum"])
-    canvas = g.add("SolidMask", (3, 0), value=0.0, width=512, height=512)
-    square = g.add("SolidMask", (3, 160), value=1.0, width=256, height=256)
-    mask = g.add("MaskComposite", (3, 320), destination=canvas["MASK"], source=square["MASK"], x=128, y=128,
+    preview_spectrum = g.add("PreviewImage", (3, 240), images=discover["spectrum"])
+    canvas = g.add("SolidMask", (4, 0), value=0.0, width=512, height=512)
+    square = g.add("SolidMask", (4, 180), value=1.0, width=256, height=256)
+    mask = g.add("MaskComposite", (4, 360), destination=canvas["MASK"], source=square["MASK"], x=128, y=128,
                  operation="add")
-    edit = g.add("ApplyDirection", (4, 0), model=checkpoint["MODEL"], directions=discover["directions"], index=0,
+    edit = g.add("ApplyDirection", (5, 0), model=checkpoint["MODEL"], directions=discover["directions"], index=0,
                  layer="all", alpha=0.4, start_percent=0.0, end_percent=0.5, apply_to="both", mask=mask["MASK"])
     samplers = {}
     for row, (name, model) in enumerate((("edited", edit["MODEL"]), ("reconstruction", checkpoint["MODEL"]))):
-        samplers[name] = g.add("KSamplerAdvanced", (5, row * 420), f"Sample back: {name}", model=model,
+        samplers[name] = g.add("KSamplerAdvanced", (6, row * 420), f"Sample back: {name}", model=model,
                                add_noise="disable", noise_seed=0, steps=50, cfg=1.0, sampler_name="ddim",
                                scheduler="normal", positive=describe["CONDITIONING"], negative=empty["CONDITIONING"],
                                latent_image=invert["latent"], start_at_step=0, end_at_step=10000,
                                return_with_leftover_noise="disable")
     saves = []
     for row, name in enumerate(("edited", "reconstruction")):
-        decoded = g.add("VAEDecode", (6, row * 420), samples=samplers[name]["LATENT"], vae=checkpoint["VAE"])
-        saves.append(g.add("SaveImage", (7, row * 420), images=decoded["IMAGE"], filename_prefix=f"semdir_{name}"))
+        decoded = g.add("VAEDecode", (7, row * 420), samples=samplers[name]["LATENT"], vae=checkpoint["VAE"])
+        saves.append(g.add("SaveImage", (8, row * 420), images=decoded["IMAGE"], filename_prefix=f"semdir_{name}"))
     notes = [
         g.note("**1. Load** an SD1.5 checkpoint and your photo (about 512 px). Describe the photo in the prompt.",
                (0, -220)),
@@ -152,9 +152,9 @@ def edit_real_image(registry) -> Graph:
                (2, -220)),
         g.note("**3. Edit inside the mask.** The square is where the edit acts: change the MaskComposite x, y or "
                "paint a mask in LoadImage (right-click, Open in MaskEditor) and connect its MASK instead. Try "
-               "other `index` values and alphas from -1 to 1; the range 0-0.5 edits structure.", (3, -220)),
+               "other `index` values and alphas from -1 to 1; the range 0-0.5 edits structure.", (4, -220)),
         g.note("**4. Sample back** with **add_noise: disable**, the same steps and scheduler, sampler ddim, cfg 1. "
-               "With alpha 0 the edited image equals the reconstruction.", (5, -220)),
+               "With alpha 0 the edited image equals the reconstruction.", (6, -220)),
     ]
     g.group("1. Load", checkpoint, image, notes[0])
     g.group("2. Invert (unedited model)", describe, empty, encode, invert, notes[1])
@@ -280,12 +280,12 @@ def svd_attribute(registry) -> Graph:
         decoded = g.add("VAEDecode", (5, row * 420), samples=resumed["LATENT"], vae=checkpoint["VAE"])
         outputs += [resumed, decoded, g.add("SaveImage", (6, row * 420), images=decoded["IMAGE"],
                                             filename_prefix=f"semdir_svd_{name}")]
-    early = partial("Source to step 6", source_prompt, 6, (2, 840))
-    late = partial("Source to step 18", source_prompt, 18, (2, 1260))
-    first_two = g.add("LatentBatch", (3, 840), samples1=early["LATENT"], samples2=source["LATENT"])
-    trajectory = g.add("LatentBatch", (3, 980), samples1=first_two["LATENT"], samples2=late["LATENT"])
-    analysis = g.add("SVDLatentAnalysis", (4, 840), latents=trajectory["LATENT"], k=8)
-    plot = g.add("PreviewImage", (5, 840), images=analysis["IMAGE"])
+    early = partial("Source to step 6", source_prompt, 6, (2, 920))
+    late = partial("Source to step 18", source_prompt, 18, (2, 1340))
+    first_two = g.add("LatentBatch", (3, 920), samples1=early["LATENT"], samples2=source["LATENT"])
+    trajectory = g.add("LatentBatch", (3, 1060), samples1=first_two["LATENT"], samples2=late["LATENT"])
+    analysis = g.add("SVDLatentAnalysis", (4, 920), latents=trajectory["LATENT"], k=8)
+    plot = g.add("PreviewImage", (5, 920), images=analysis["IMAGE"])
     notes = [
         g.note("**1. Two prompts, one seed**: the source and the target differ only in the attribute. Both stop "
                "at step 12 of 30 with their leftover noise.", (1, -220)),
@@ -294,7 +294,7 @@ def svd_attribute(registry) -> Graph:
                "source_weight to keep more of the original.", (3, -220)),
         g.note("**3. Resume with the SOURCE prompt** from the same step (add_noise: disable), beside the "
                "unedited original.", (4, -220)),
-        g.note("**Analysis**: the source at steps 6, 12 and 18; the leading subspaces settle early.", (4, 1120)),
+        g.note("**Analysis**: the source at steps 6, 12 and 18; the leading subspaces settle early.", (4, 1060)),
     ]
     g.group("1. Prompt pair to step 12", checkpoint, source_prompt, target_prompt, negative, latent, source, target,
             notes[0])

@@ -15,7 +15,9 @@ from host import REPO
 
 WORKFLOWS = REPO / "workflows"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-VIEWPORT = {"width": 1600, "height": 900}
+VIEWPORT = {"width": 1920, "height": 1080}
+SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False,  # no first-run dialog, no minimap
+            "LiteGraph.Canvas.MinFontSizeForLOD": 1, "LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1}
 LOAD_TIMEOUT_MS = 120_000
 
 pytestmark = [pytest.mark.server, pytest.mark.skipif(
@@ -27,7 +29,7 @@ pytestmark = [pytest.mark.server, pytest.mark.skipif(
 def page(server):
     from playwright.sync_api import sync_playwright
     url, _, _ = server
-    for setting, value in (("Comfy.TutorialCompleted", True), ("Comfy.Minimap.Visible", False)):
+    for setting, value in SETTINGS.items():  # a whole graph fits the screen at about 40%: keep its text
         requests.post(f"{url}/settings/{setting}", json=value, timeout=10).raise_for_status()
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
