@@ -9,7 +9,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "scripts"))
-from build_workflows import WORKFLOWS, build_all  # noqa: E402
+from build_workflows import SDXL_CHECKPOINT, WORKFLOWS, build_all  # noqa: E402
 from workflow_format import to_api  # noqa: E402
 
 TINY_CHECKPOINT = ("TinyCheckpointLoader", {"seed": 0})
@@ -17,12 +17,13 @@ TINY_SIZE = 128  # pixels: a 16 x 16 latent, as many singular vectors as the SVD
 
 
 def tiny_prompt(workflow: dict, registry) -> dict:
-    """The workflow in API format with the tiny checkpoint substituted for checkpoint loading and
+    """The workflow in API format with the tiny checkpoint of the same family substituted for checkpoint loading and
     empty latents shrunk to TINY_SIZE (image loading reads the tiny photo write_photo puts in input/)."""
     prompt = to_api(workflow, registry)
     for node in prompt.values():
         if node["class_type"] == "CheckpointLoaderSimple":
-            node["class_type"], node["inputs"] = TINY_CHECKPOINT[0], dict(TINY_CHECKPOINT[1])
+            family = "sdxl" if node["inputs"]["ckpt_name"] == SDXL_CHECKPOINT else "sd15"
+            node["class_type"], node["inputs"] = TINY_CHECKPOINT[0], dict(TINY_CHECKPOINT[1], family=family)
         if node["class_type"] == "EmptyLatentImage":
             node["inputs"].update(width=TINY_SIZE, height=TINY_SIZE)
     return prompt

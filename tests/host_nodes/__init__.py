@@ -63,19 +63,21 @@ class TinyConditioning:
 
 
 class TinyCheckpointLoader:
-    """What example workflows load instead of CheckpointLoaderSimple in tests: the tiny SD1.5-shaped
-    UNet as a Gaussian-prior denoiser, SD1.5's text encoder at its context width, and the tiny VAE."""
+    """What example workflows load instead of CheckpointLoaderSimple in tests: the tiny SD1.5- or
+    SDXL-shaped UNet as a Gaussian-prior denoiser, the family's text encoders at its context width,
+    and the tiny VAE."""
     CATEGORY = "testing"
     FUNCTION = "load"
     RETURN_TYPES = ("MODEL", "CLIP", "VAE")
-    DESCRIPTION = "A tiny SD1.5-shaped checkpoint: MODEL, CLIP and VAE with seeded weights."
+    DESCRIPTION = "A tiny SD1.5- or SDXL-shaped checkpoint: MODEL, CLIP and VAE with seeded weights."
 
     @classmethod
     def INPUT_TYPES(cls):
-        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1})}}
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1})},
+                "optional": {"family": (sorted(FAMILIES), {"default": "sd15"})}}
 
-    def load(self, seed):
-        return with_gaussian_prior(build_unet("sd15", seed=seed)), build_clip(seed), build_vae(seed)
+    def load(self, seed, family="sd15"):
+        return (with_gaussian_prior(build_unet(family, seed=seed)), build_clip(family, seed), build_vae(seed))
 
 
 NODE_CLASS_MAPPINGS = {"TinyUNetLoader": TinyUNetLoader, "TinyVAELoader": TinyVAELoader,

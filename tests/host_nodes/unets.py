@@ -10,6 +10,7 @@ import comfy.model_management
 import comfy.model_patcher
 import comfy.sd
 import comfy.sd1_clip
+import comfy.sdxl_clip
 import comfy.supported_models
 import comfy.taesd.taesd
 
@@ -31,21 +32,23 @@ SDXL_UNET = {
     "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10],
     "use_temporal_attention": False, "use_temporal_resblock": False,
 }
-FAMILIES = {"sd15": (comfy.supported_models.SD15, SD15_UNET),
-            "sdxl": (comfy.supported_models.SDXL, SDXL_UNET)}
+FAMILIES = {"sd15": (comfy.supported_models.SD15, SD15_UNET, comfy.model_base.BaseModel),
+            "sdxl": (comfy.supported_models.SDXL, SDXL_UNET, comfy.model_base.SDXL)}
 
 
 def build_unet(family="sd15", model_channels=32, context_dim=32, num_heads=4, seed=0,
                dtype=torch.float32, full_size=False, model_type="eps") -> comfy.model_patcher.ModelPatcher:
-    """A ModelPatcher around a BaseModel of the given family, weights drawn from ``seed``.
+    """A ModelPatcher around the host's model class of the given family, weights drawn from ``seed``.
 
     ``full_size`` keeps the real widths, context and heads (for benchmarks). ``model_type``
     ('eps', 'v_prediction' or 'flow') picks the host's prediction type and sampling schedule.
     """
-    config_class, unet = FAMILIES[family]
+    config_class, unet, model_class = FAMILIES[family]
     unet = dict(unet, dtype=dtype)
     if not full_size:
         unet["model_channels"], unet["context_dim"] = model_channels, context_dim
+        if unet["adm_in_channels"]:  # SDXL: CLIP-G's pooled vector (half the context) and 6 size embeddings
+            unet["adm_in_channels"] = context_dim // 2 + 6 * 256
         if unet["num_heads"] > 0:
             unet["num_heads"] = num_heads
         else:
@@ -55,7 +58,7 @@ def build_unet(family="sd15", model_channels=32, context_dim=32, num_heads=4, se
     # Stored in a low-precision dtype, computed in float32, as the host runs such checkpoints on a CPU.
     config.set_inference_dtype(dtype, None if dtype == torch.float32 else torch.float32)
     model_type = comfy.model_base.ModelType[model_type.upper()]
-    model = comfy.model_base.BaseModel(config, model_type=model_type, device=torch.device("cpu"))
+    model = model_class(config, model_type=model_type, device=torch.device("cpu"))
     model.diffusion_model.load_state_dict(seeded_weights(model.diffusion_model, seed, dtype))
     return comfy.model_patcher.ModelPatcher(
         model, load_device=comfy.model_management.get_torch_device(),
@@ -120,24 +123,32 @@ def with_gaussian_prior(patcher, **options):
     return wrapped
 
 
-TINY_CLIP_L = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 2,
-               "projection_dim": 32}
+TINY_TEXT_ENCODER = {"intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3}  # SDXL reads layer -2
+# Text encoders at the tiny UNet's context width 32: SD1.5's CLIP-L alone, SDXL's CLIP-L and CLIP-G
+# side by side (16 + 16); CLIP-G's pooled vector (16) feeds the tiny SDXL UNet's class embedding.
+TINY_CLIP = {
+    "sd15": (comfy.sd1_clip.SD1ClipModel, comfy.sd1_clip.SD1Tokenizer,
+             {"clip_l_model_config": dict(TINY_TEXT_ENCODER, hidden_size=32)}),
+    "sdxl": (comfy.sdxl_clip.SDXLClipModel, comfy.sdxl_clip.SDXLTokenizer,
+             {"clip_l_model_config": dict(TINY_TEXT_ENCODER, hidden_size=16),
+              "clip_g_model_config": dict(TINY_TEXT_ENCODER, hidden_size=16)}),
+}
 
 
-class _SD1TextEncoder:
-    """What comfy.sd.CLIP builds from: SD1.5's text encoder class and tokenizer (the real vocabulary)."""
-    params = {}
-    clip = comfy.sd1_clip.SD1ClipModel
-    tokenizer = comfy.sd1_clip.SD1Tokenizer
+class _TextEncoder:
+    """What comfy.sd.CLIP builds from: a family's text encoder class and tokenizer (the real vocabularies)."""
+
+    def __init__(self, clip, tokenizer):
+        self.params, self.clip, self.tokenizer = {}, clip, tokenizer
 
 
-def build_clip(seed=0) -> comfy.sd.CLIP:
-    """SD1.5's CLIP text encoder and tokenizer at width 32 (the tiny UNet's context width), seeded weights.
+def build_clip(family="sd15", seed=0) -> comfy.sd.CLIP:
+    """The family's CLIP text encoders and tokenizers at the tiny widths above, seeded weights.
 
-    The width comes in through the host's own per-encoder config override (``clip_l_model_config``).
+    The widths come in through the host's own per-encoder config overrides (``clip_l_model_config``).
     """
-    clip = comfy.sd.CLIP(_SD1TextEncoder(), model_options={"clip_l_model_config": dict(TINY_CLIP_L),
-                                                           "dtype": torch.float32})
+    clip_class, tokenizer, configs = TINY_CLIP[family]
+    clip = comfy.sd.CLIP(_TextEncoder(clip_class, tokenizer), model_options={**configs, "dtype": torch.float32})
     model = clip.cond_stage_model
     model.load_state_dict(seeded_weights(model, seed, torch.float32), strict=False)
     return clip
