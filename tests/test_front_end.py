@@ -16,8 +16,10 @@ from host import REPO
 WORKFLOWS = REPO / "workflows"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 VIEWPORT = {"width": 1920, "height": 1080}
-SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False,  # no first-run dialog, no minimap
-            "LiteGraph.Canvas.MinFontSizeForLOD": 1, "LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1}
+SETTINGS = {  # no first-run dialog, and thumbnails that show only the graph, the same on every run
+    "Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False, "Comfy.Graph.CanvasInfo": False,
+    "Comfy.Workflow.WorkflowTabsPosition": "Sidebar",
+    "LiteGraph.Canvas.MinFontSizeForLOD": 1, "LiteGraph.Canvas.LowQualityRenderingZoomThreshold": 0.1}
 LOAD_TIMEOUT_MS = 120_000
 
 pytestmark = [pytest.mark.server, pytest.mark.skipif(
