@@ -1,0 +1,38 @@
+"""The faces world (world/faces.py): deterministic, and every factor visibly changes the picture."""
+import sys
+
+import numpy as np
+
+from host import REPO
+
+sys.path.insert(0, str(REPO))
+from world.faces import FACTORS, dataset, render, sample_factors  # noqa: E402
+
+
+def test_the_same_seed_gives_the_same_images_and_factors():
+    first, factors = dataset(16, seed=3)
+    again, factors_again = dataset(16, seed=3)
+    assert first.dtype == np.uint8 and first.shape == (16, 32, 32, 3)
+    assert np.array_equal(first, again) and np.array_equal(factors, factors_again)
+    assert not np.array_equal(first, dataset(16, seed=4)[0])
+    assert factors.min() >= 0 and factors.max() <= 1 and factors.shape == (16, len(FACTORS))
+    assert np.array_equal(render(factors[5]), first[5])
+
+
+def test_each_factor_changes_the_picture_and_local_ones_change_little_of_it():
+    middle = np.full(len(FACTORS), 0.5)
+    changed = {}
+    for i, name in enumerate(FACTORS):
+        low, high = middle.copy(), middle.copy()
+        low[i], high[i] = 0.1, 0.9
+        difference = np.abs(render(low, 64).astype(int) - render(high, 64).astype(int)).sum(-1)
+        changed[name] = float((difference > 30).mean())
+    print("share of pixels each factor changes:", changed)
+    assert all(share > 0.003 for share in changed.values())
+    assert max(changed["smile"], changed["eye_open"]) < 0.05 < min(changed["background"], changed["face_hue"])
+
+
+def test_factor_samples_are_independent_and_uniform():
+    factors = sample_factors(20000, seed=0)
+    correlation = np.corrcoef(factors.T) - np.eye(len(FACTORS))
+    assert np.abs(correlation).max() < 0.03 and np.abs(factors.mean(0) - 0.5).max() < 0.01
