@@ -6,6 +6,7 @@ schedule, in pixel space (3 channels; the host's identity VAE, a state dict hold
 Needs the host's modules importable (``comfy``), as inside ComfyUI or after scripts/fetch_comfyui.py.
 """
 import math
+from pathlib import Path
 
 import torch
 
@@ -14,6 +15,7 @@ import comfy.model_base
 import comfy.model_patcher
 import comfy.supported_models
 
+WEIGHTS = Path(__file__).resolve().parent / "faces_unet.safetensors"
 IMAGE_SIZE = 32
 CONTEXT_DIM = 32  # the text context is empty (zeros): the model is unconditional
 UNET = {
@@ -70,6 +72,16 @@ def patcher(model: comfy.model_base.BaseModel) -> comfy.model_patcher.ModelPatch
     import comfy.model_management
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
+
+
+def load_patcher() -> comfy.model_patcher.ModelPatcher:
+    """The trained model (world/faces_unet.safetensors, float16 EMA weights) as the host's MODEL."""
+    from safetensors.torch import load_file
+    if not WEIGHTS.is_file():
+        raise FileNotFoundError(f"{WEIGHTS} is missing: train it with world/train.py --export")
+    model = build_model()
+    model.diffusion_model.load_state_dict({k: v.float() for k, v in load_file(str(WEIGHTS)).items()})
+    return patcher(model)
 
 
 def empty_context(batch: int) -> torch.Tensor:

@@ -30,10 +30,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 host_args.cpu = DEVICE == "cpu"
 
 from world.faces import dataset  # noqa: E402
-from world.model import IMAGE_SIZE, UNET, build_model, empty_context, initialise  # noqa: E402
+from world.model import IMAGE_SIZE, UNET, WEIGHTS as EXPORT, build_model, empty_context, initialise  # noqa: E402
 
 CHECKPOINT = REPO / ".cache" / "world-train" / "checkpoint.safetensors"
-EXPORT = REPO / "world" / "faces_unet.safetensors"
 
 
 def arguments():
