@@ -185,9 +185,10 @@ def discover_and_sweep(registry, checkpoint_name=SD15_CHECKPOINT, size=512, fami
     edit = g.add("ApplyDirection", (3, 0), model=checkpoint["MODEL"], directions=discover["directions"], index=0,
                  layer="all", alpha=0.5, start_percent=0.0, end_percent=0.6, apply_to="both", alpha_list=SWEEP)
     latent = g.add("EmptyLatentImage", (3, 420), width=size, height=size, batch_size=5)
+    same_noise = g.add("LatentBatchSeedBehavior", (3, 600), samples=latent["LATENT"], seed_behavior="fixed")
     sampler = g.add("KSampler", (4, 0), model=edit["MODEL"], seed=42, steps=25, cfg=7.0, sampler_name="euler",
                     scheduler="normal", positive=positive["CONDITIONING"], negative=negative["CONDITIONING"],
-                    latent_image=latent["LATENT"], denoise=1.0)
+                    latent_image=same_noise["LATENT"], denoise=1.0)
     decoded = g.add("VAEDecode", (5, 0), samples=sampler["LATENT"], vae=checkpoint["VAE"])
     grid = g.add("LabelledImageGrid", (5, 160), images=decoded["IMAGE"], labels=SWEEP, columns=0)
     save = g.add("SaveImage", (6, 0), images=grid["IMAGE"], filename_prefix="semdir_sweep")
@@ -196,13 +197,14 @@ def discover_and_sweep(registry, checkpoint_name=SD15_CHECKPOINT, size=512, fami
         g.note("**2. Discover** directions from the attention weights alone (well under a second). The spectrum "
                "shows how fast each layer's gains fall: the first few directions matter most.", (2, -220)),
         g.note("**3. Sweep** direction `index` over the alphas in `alpha_list`: image i of the batch gets value i, "
-               "so keep EmptyLatentImage's batch_size equal to the list's length. Try other indices, and "
-               "`layer` such as input_blocks.8 or middle_block for more local or global edits.", (3, -220)),
+               "so keep EmptyLatentImage's batch_size equal to the list's length; LatentBatchSeedBehavior (fixed) "
+               "gives every image the same noise, so only alpha differs. Try other indices, and `layer` such as "
+               "input_blocks.8 or middle_block for more local or global edits.", (3, -220)),
         g.note("**4. The grid** labels each image with its alpha; alpha 0 is the unedited image.", (5, -220)),
     ]
     g.group("1. Load and prompt", checkpoint, positive, negative, notes[0])
     g.group("2. Discover", discover, spectrum, notes[1])
-    g.group("3. Sweep", edit, latent, sampler, notes[2])
+    g.group("3. Sweep", edit, latent, same_noise, sampler, notes[2])
     g.group("4. Grid", decoded, grid, save, notes[3])
     return g
 
