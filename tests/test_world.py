@@ -48,4 +48,3 @@ def test_the_committed_regressor_reads_the_factors_back():
         error = (model(to_input(pixels)) - torch.from_numpy(factors).float()).abs().mean(0)
     print("held-out mean absolute error:", dict(zip(FACTORS, error.tolist())))
     assert (error < 0.05).all()
-
