@@ -30,9 +30,10 @@ demo: env
 bench: env
 	for script in benchmarks/bench_*.py; do $(VPY) $$script --json || exit 1; done
 
-## make workflows: write workflows/*.json again from their descriptions in scripts/build_workflows.py.
+## make workflows: write workflows/*.json again from their descriptions, and their thumbnails from the front end.
 workflows: env
 	$(VPY) scripts/build_workflows.py
+	WRITE_THUMBNAILS=1 $(VPY) -m pytest tests/test_front_end.py
 
 clean:
 	rm -rf $(VENV) .cache

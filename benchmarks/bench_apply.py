@@ -30,7 +30,7 @@ def main():
     registry = host.nodes.NODE_CLASS_MAPPINGS
     model = build_unet("sd15", full_size=True)
     model_mb = sum(p.numel() * p.element_size() for p in model.model.parameters()) / 2 ** 20
-    before = {k: hashlib.sha256(v.contiguous().view(torch.uint8).numpy().tobytes()).digest()
+    before = {k: hashlib.sha256(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).digest()
               for k, v in model.model.state_dict().items()}
     directions = registry["DiscoverAttentionEigendirections"]().discover(model, "all", 2, "whitened", 1.0)[0]
     patched = registry["ApplyDirection"]().apply(model, directions, 0, "all", 0.5, 0.0, 1.0, "both")[0]
@@ -63,7 +63,7 @@ def main():
     hook = model.model.diffusion_model.register_forward_hook(lambda *a: calls.append(1))
     run(patched, asyrp)
     hook.remove()
-    after = {k: hashlib.sha256(v.contiguous().view(torch.uint8).numpy().tobytes()).digest()
+    after = {k: hashlib.sha256(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).digest()
              for k, v in model.model.state_dict().items()}
     changed = sum(model.model.state_dict()[k].numel() * model.model.state_dict()[k].element_size()
                   for k in before if before[k] != after[k])

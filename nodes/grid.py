@@ -21,7 +21,7 @@ class LabelledImageGrid:
         }}
 
     def grid(self, images, labels, columns):
-        names = [part.strip() for part in labels.split(",")] if labels.strip() else \
+        names = [part.strip() for part in labels.replace(";", ",").split(",")] if labels.strip() else \
             [str(i) for i in range(images.shape[0])]
         if len(names) != images.shape[0]:
             raise ValueError(f"labels: {len(names)} labels for {images.shape[0]} images; give one per image")

@@ -6,7 +6,6 @@ import torch
 
 import comfy.model_management
 import comfy.model_sampling
-import comfy.sample
 import comfy.samplers
 import comfy.utils
 
@@ -58,7 +57,17 @@ class DDIMInversionSampler:
         return {"required": {"refine": refine_input()}}
 
     def get_sampler(self, refine):
-        return (comfy.samplers.KSAMPLER(inversion_sampler_function, extra_options={"refine": refine}),)
+        return (InversionKSampler(inversion_sampler_function, extra_options={"refine": refine}),)
+
+
+class InversionKSampler(comfy.samplers.KSAMPLER):
+    """The host's KSAMPLER divides flow-model results by 1 - sigma; refuse a schedule that ends at 1."""
+
+    def sample(self, model_wrap, sigmas, *args, **kwargs):
+        if isinstance(model_wrap.inner_model.model_sampling, comfy.model_sampling.CONST) and float(sigmas[-1]) >= 1:
+            raise ValueError("sigmas: this flow-matching schedule ends at sigma 1, where a SAMPLER's result is "
+                             "undefined; use DDIM Invert and its noise output, or stop the schedule below 1")
+        return super().sample(model_wrap, sigmas, *args, **kwargs)
 
 
 class DDIMInvert:

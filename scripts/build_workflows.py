@@ -260,17 +260,21 @@ def svd_attribute(registry) -> Graph:
     negative = g.add("CLIPTextEncode", (1, 520), "Negative prompt", clip=checkpoint["CLIP"], text=NEGATIVE)
     latent = g.add("EmptyLatentImage", (1, 780), width=512, height=512, batch_size=1)
 
+    def advanced(title, prompt, latent_in, at, start, end):
+        """KSamplerAdvanced over steps start..end of 30: from the start it adds the seed's noise and keeps
+        the leftover noise; from step 12 it resumes such a latent to the end."""
+        partial = start == 0
+        return g.add("KSamplerAdvanced", at, title, model=checkpoint["MODEL"],
+                     add_noise="enable" if partial else "disable", noise_seed=3, steps=30, cfg=7.0,
+                     sampler_name="ddim", scheduler="normal", positive=prompt["CONDITIONING"],
+                     negative=negative["CONDITIONING"], latent_image=latent_in, start_at_step=start, end_at_step=end,
+                     return_with_leftover_noise="enable" if partial else "disable")
+
     def partial(title, prompt, end, at):
-        return g.add("KSamplerAdvanced", at, title, model=checkpoint["MODEL"], add_noise="enable", noise_seed=3,
-                     steps=30, cfg=7.0, sampler_name="ddim", scheduler="normal", positive=prompt["CONDITIONING"],
-                     negative=negative["CONDITIONING"], latent_image=latent["LATENT"], start_at_step=0,
-                     end_at_step=end, return_with_leftover_noise="enable")
+        return advanced(title, prompt, latent["LATENT"], at, 0, end)
 
     def resume(title, prompt, latent_in, at):
-        return g.add("KSamplerAdvanced", at, title, model=checkpoint["MODEL"], add_noise="disable", noise_seed=3,
-                     steps=30, cfg=7.0, sampler_name="ddim", scheduler="normal", positive=prompt["CONDITIONING"],
-                     negative=negative["CONDITIONING"], latent_image=latent_in, start_at_step=12,
-                     end_at_step=10000, return_with_leftover_noise="disable")
+        return advanced(title, prompt, latent_in, at, 12, 10000)
     source = partial("Source to step 12", source_prompt, 12, (2, 0))
     target = partial("Target to step 12", target_prompt, 12, (2, 420))
     attribute = g.add("SVDLatentAttribute", (3, 0), source=source["LATENT"], target=target["LATENT"], k=16, m=8,

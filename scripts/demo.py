@@ -15,6 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import torch
 from PIL import Image
 from safetensors import safe_open
 
@@ -25,7 +26,7 @@ from workflow_format import to_api  # noqa: E402
 
 TINY_MODEL = (
     "No checkpoint given, so this ran the built-in tiny model: an SD1.5-shaped UNet of width 32 with seeded "
-    "random weights, made a denoiser of Gaussian data; SD1.5's tokenizer with a 2-layer text encoder of width "
+    "random weights, made a denoiser of Gaussian data; SD1.5's tokenizer with a 3-layer text encoder of width "
     "32; a TAESD-shaped VAE; all untrained. It shows the whole pipeline working (directions found in well under "
     "a second, sweeps rendered in one call, inversion reconstructing the photo) but its images are not pictures "
     "and its edits carry no meaning. For real edits run: CKPT=/path/to/sd15-or-sdxl.safetensors make demo")
@@ -59,16 +60,15 @@ def main():
     checkpoint = Path(os.environ["CKPT"]).resolve() if os.environ.get("CKPT") else None
     if checkpoint is not None and not checkpoint.is_file():
         sys.exit(f"CKPT: {checkpoint} is not a file; give the path of an SD1.5 or SDXL .safetensors checkpoint")
+    sdxl = checkpoint is not None and is_sdxl(checkpoint)
+    host = Host(Path(tempfile.mkdtemp(prefix="semdir-demo-")), device="cuda" if torch.cuda.is_available() else "cpu")
+    registry = host.nodes.NODE_CLASS_MAPPINGS
+    if checkpoint is not None:
+        host.folder_paths.add_model_folder_path("checkpoints", str(checkpoint.parent))
     out = Path(os.environ.get("DEMO_OUT", REPO / "out")) / time.strftime("demo-%Y%m%d-%H%M%S")
     out.mkdir(parents=True)
-    host = Host(Path(tempfile.mkdtemp(prefix="semdir-demo-")))
-    registry = host.nodes.NODE_CLASS_MAPPINGS
-    sdxl = checkpoint is not None and is_sdxl(checkpoint)
-    if checkpoint is not None:
-        (host.models_dir("checkpoints") / checkpoint.name).symlink_to(checkpoint)
     photo = Image.open(host.root / "input" / "example.png").convert("RGB")
     side = TINY_SIZE if checkpoint is None else (1024 if sdxl else 512)
-    (host.base / "input").mkdir(exist_ok=True)
     photo.resize((side, side), Image.LANCZOS).save(host.base / "input" / "example.png")
 
     report, timings = [], {}

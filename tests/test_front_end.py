@@ -1,8 +1,9 @@
 """Front-end layer: every example workflow opened in the real ComfyUI front end (the host's pinned
 comfyui-frontend-package, served by the server with the pack) in headless Chromium from Debian.
 
-Each test saves a screenshot of the loaded graph as the workflow's thumbnail (workflows/<name>.jpg),
-the picture the README and the template browser show.
+Each test takes a screenshot of the loaded graph; with WRITE_THUMBNAILS=1 (`make workflows`) it
+becomes the workflow's thumbnail, workflows/<name>.jpg, the picture the README and the template
+browser show.
 """
 import json
 import os
@@ -51,7 +52,7 @@ def page(server):
 
 
 @pytest.mark.parametrize("name", sorted(path.stem for path in WORKFLOWS.glob("*.json")))
-def test_workflow_opens_in_the_front_end(page, name):
+def test_workflow_opens_in_the_front_end(page, name, tmp_path):
     workflow = json.loads((WORKFLOWS / f"{name}.json").read_text(encoding="utf-8"))
     page.errors.clear()
     page.evaluate("async (workflow) => { await window.app.loadGraphData(workflow); }", workflow)
@@ -70,4 +71,5 @@ def test_workflow_opens_in_the_front_end(page, name):
     assert not page.errors, page.errors
     page.evaluate("async () => { await window.app.extensionManager.command.execute('Comfy.Canvas.FitView'); }")
     page.wait_for_timeout(500)
-    page.screenshot(path=str(WORKFLOWS / f"{name}.jpg"), type="jpeg", quality=80)
+    page.screenshot(path=str((WORKFLOWS if os.environ.get("WRITE_THUMBNAILS") else tmp_path) / f"{name}.jpg"),
+                    type="jpeg", quality=80)

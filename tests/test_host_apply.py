@@ -81,11 +81,6 @@ class Recorder:
         patched.set_model_output_block_patch(self.hspace_after)
         return patched
 
-    def _site(self, options):
-        block = options.get("block")
-        return self.from_block.get((*block, options.get("block_index", 0))) if block[0] != "output" or \
-            options.get("block_index") is not None else None
-
     def attn_before(self, n, c, v, options):
         self.before[("attn", options["block"], options.get("block_index", 0))] = (n, c)
         return n, c, v
@@ -244,9 +239,14 @@ def test_bad_inputs_get_one_line_errors(kit, change, message):
 
 @pytest.mark.parametrize("shape", [(64, 64), (1, 64, 64), (1, 1, 64, 64), (1, 64, 64, 1)])
 def test_mask_layouts_are_accepted(kit, shape):
-    mask = torch.zeros(shape)
-    edited = kit.sample(kit.apply(mask=mask, alpha=1.0), steps=1)
-    assert torch.equal(edited, kit.sample(kit.model, steps=1))  # an all-zero mask edits nothing
+    """Every MASK layout the host produces reads as the same top-half mask."""
+    def top_half(layout):
+        mask = torch.zeros(64, 64)
+        mask[:32] = 1.0
+        return mask.reshape(layout)
+    edited = kit.sample(kit.apply(mask=top_half(shape), alpha=1.0), steps=1)
+    assert torch.equal(edited, kit.sample(kit.apply(mask=top_half((1, 64, 64)), alpha=1.0), steps=1))
+    assert not torch.equal(edited, kit.sample(kit.model, steps=1))
 
 
 def test_mask_batch_must_fit(kit):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import directions_testing  # noqa: F401
-from directions.inversion import inversion_step, invert
+from directions.inversion import inversion_step
 
 
 def test_refinement_solves_the_implicit_step_on_a_toy_denoiser():
@@ -148,6 +148,9 @@ def test_flow_matching_inverts_its_euler_ode(kit):
                                       kit.conditioning(), zeros, seed=0)
     assert relative_error(back, samples) < 1e-3
     via_sampler = kit.host.nodes.NODE_CLASS_MAPPINGS["DDIMInversionSampler"]().get_sampler(3)[0]
+    with pytest.raises(ValueError, match="sigmas: this flow-matching schedule ends at sigma 1"):
+        comfy.sample.sample_custom(model, zeros, 1.0, via_sampler, sigmas.flip(0), kit.conditioning(),
+                                   kit.conditioning(), samples, seed=0)
     lower = sigmas[1:]  # a KSAMPLER divides flow results by 1 - sigma: the sampler path stops below 1
     stepped = comfy.sample.sample_custom(model, zeros, 1.0, via_sampler, lower.flip(0), kit.conditioning(),
                                          kit.conditioning(), samples, seed=0)

@@ -43,7 +43,7 @@ def test_subspace_distance():
     far = subspace_distance(x, other, 6)
     assert torch.allclose(far, subspace_distance(other, x, 6), atol=1e-4)
     near = subspace_distance(x, x + 0.1 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4)), 6)
-    assert (near < 0.2 * far).all() and (far < torch.pi / 2 * 12 ** 0.5).all()
+    assert (near < 0.2 * far).all() and (far > 1).all()  # unrelated latents: several large principal angles
 
 
 def optimum(x, z, k, m, weights, keep_rest):

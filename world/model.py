@@ -12,7 +12,6 @@ import torch
 
 import comfy.latent_formats
 import comfy.model_base
-import comfy.model_patcher
 import comfy.supported_models
 
 WEIGHTS = Path(__file__).resolve().parent / "faces_unet.safetensors"
@@ -66,22 +65,6 @@ def initialise(unet: torch.nn.Module, seed: int) -> None:
                 tensor.zero_()
         for tensor in unet.out[-1].parameters():
             tensor.zero_()
-
-
-def patcher(model: comfy.model_base.BaseModel) -> comfy.model_patcher.ModelPatcher:
-    import comfy.model_management
-    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=comfy.model_management.unet_offload_device())
-
-
-def load_patcher() -> comfy.model_patcher.ModelPatcher:
-    """The trained model (world/faces_unet.safetensors, float16 EMA weights) as the host's MODEL."""
-    from safetensors.torch import load_file
-    if not WEIGHTS.is_file():
-        raise FileNotFoundError(f"{WEIGHTS} is missing: train it with world/train.py --export")
-    model = build_model()
-    model.diffusion_model.load_state_dict({k: v.float() for k, v in load_file(str(WEIGHTS)).items()})
-    return patcher(model)
 
 
 def empty_context(batch: int) -> torch.Tensor:

@@ -3,12 +3,7 @@
 They stand in for checkpoint and text-encoder loading, which needs weights this machine cannot
 download: a UNet of a real block structure with seeded weights, and seeded conditioning.
 """
-import sys
-from pathlib import Path
-
 import torch
-
-import comfy.sd
 
 from .unets import FAMILIES, build_clip, build_unet, build_vae, with_gaussian_prior
 
@@ -85,24 +80,5 @@ class TinyCheckpointLoader:
         return (with_gaussian_prior(build_unet(family, seed=seed)), build_clip(family, seed), build_vae(seed))
 
 
-class FacesWorldLoader:
-    """The faces world's trained model (world/), for the demo and the tests: MODEL, the identity VAE
-    of pixel space, and the empty conditioning it was trained with."""
-    CATEGORY = "testing"
-    FUNCTION = "load"
-    RETURN_TYPES = ("MODEL", "VAE", "CONDITIONING")
-    DESCRIPTION = "The faces world's small pixel-space diffusion model (world/faces_unet.safetensors)."
-
-    @classmethod
-    def INPUT_TYPES(cls):
-        return {"required": {}}
-
-    def load(self):
-        sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-        from world.model import load_patcher, empty_context
-        vae = comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})
-        return load_patcher(), vae, [[empty_context(1), {}]]
-
-
-NODE_CLASS_MAPPINGS = {"FacesWorldLoader": FacesWorldLoader, "TinyUNetLoader": TinyUNetLoader, "TinyVAELoader": TinyVAELoader,
+NODE_CLASS_MAPPINGS = {"TinyUNetLoader": TinyUNetLoader, "TinyVAELoader": TinyVAELoader,
                        "TinyConditioning": TinyConditioning, "TinyCheckpointLoader": TinyCheckpointLoader}
