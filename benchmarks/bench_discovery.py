@@ -58,7 +58,7 @@ def main():
             with PeakRss() as memory:
                 seconds, (found, _) = timed(discover(patcher), REPEATS)
                 figures[f"{name}_all_layers_s"] = round(seconds, 4)
-            seconds, exact = timed(full_eigh(patcher), repeats=1)
+            seconds, exact = timed(full_eigh(patcher), REPEATS)
             figures[f"{name}_full_eigh_s"] = round(seconds, 4)
         errors = [float(((found.sites[path].gains.float() - gains).abs() / gains).max()) for path, gains in exact.items()]
         figures[f"{name}_max_relative_gain_error"] = round(max(errors), 4)
