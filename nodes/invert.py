@@ -98,12 +98,13 @@ class DDIMInvert:
             "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": MAX_CFG, "step": 0.1, "tooltip":
                     "Guidance during inversion. 1 reconstructs best; above about 2 inversion drifts."}),
             "refine": refine_input(),
+            "positive": ("CONDITIONING", {"tooltip": "The prompt describing the image, the same one you sample back "
+                                                     "with (an empty-prompt CLIPTextEncode will do)."}),
         }, "optional": {
-            "positive": ("CONDITIONING", {"tooltip": "The prompt describing the image (empty if not connected)."}),
             "negative": ("CONDITIONING", {"tooltip": "Only used when cfg is not 1."}),
         }}
 
-    def invert(self, model, latent, steps, scheduler, cfg, refine, positive=None, negative=None):
+    def invert(self, model, latent, steps, scheduler, cfg, refine, positive, negative=None):
         samples = latent["samples"]
         if samples.ndim not in (4, 5):
             raise ValueError(f"latent: expected a 4-D (or 5-D video) latent, got shape {list(samples.shape)}")
@@ -119,8 +120,6 @@ class DDIMInvert:
             logging.warning("DDIM Invert: cfg %.2f > 1; inversion drifts at high guidance, 1 reconstructs best", cfg)
         sampling = model.get_model_object("model_sampling")
         sigmas = comfy.samplers.calculate_sigmas(sampling, scheduler, steps).flip(0)
-        if positive is None:
-            positive = zero_conditioning(model)
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(positive, positive if negative is None else negative)
         guider.set_cfg(cfg)
@@ -171,19 +170,6 @@ class InvertedNoise:
             return (self.start - (1 - sigma) * latent) / sigma
         at_max = math.isclose(float(sampling.sigma_max), sigma, rel_tol=1e-5) or sigma > float(sampling.sigma_max)
         return (self.start - latent) / (math.sqrt(1 + sigma ** 2) if at_max else sigma)
-
-
-def zero_conditioning(model):
-    """An empty prompt's stand-in: zero text features of the model's context width."""
-    unet_config = model.model.model_config.unet_config
-    context_dim = unet_config.get("context_dim")
-    if context_dim is None:
-        raise ValueError("positive: this model needs a CONDITIONING to invert with; connect an empty-prompt "
-                         "CLIPTextEncode")
-    extra = {}
-    if model.model.adm_channels:
-        extra["pooled_output"] = torch.zeros(1, max(model.model.adm_channels - 6 * 256, 1))
-    return [[torch.zeros(1, 77, context_dim), extra]]
 
 
 NODE_CLASS_MAPPINGS = {"DDIMInvert": DDIMInvert, "DDIMInversionSampler": DDIMInversionSampler}

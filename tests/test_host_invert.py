@@ -45,10 +45,10 @@ class Kit:
         self.model = self.build(seed=0)
         self.latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5)) / 0.18215}
 
-    def invert(self, model=None, latent=None, steps=10, scheduler="normal", cfg=1.0, refine=2, positive=None):
+    def invert(self, model=None, latent=None, steps=10, scheduler="normal", cfg=1.0, refine=2):
         """The LATENT output of DDIM Invert."""
         return self.invert_node.invert(model or self.model, latent or self.latent, steps, scheduler, cfg, refine,
-                                       positive=positive)[0]
+                                       self.conditioning())[0]
 
     def sample_back(self, inverted, model=None, steps=10, scheduler="normal", cfg=1.0, positive=None):
         """KSamplerAdvanced with add_noise disabled, the same steps and scheduler, sampler ddim."""
@@ -128,7 +128,7 @@ def test_inversion_sampler_path_agrees_with_the_node(kit):
     samples = kit.latent["samples"]
     via_sampler = comfy.sample.sample_custom(kit.model, torch.zeros_like(samples), 1.0, sampler, sigmas,
                                              kit.conditioning(), kit.conditioning(), samples, seed=0)
-    assert torch.allclose(via_sampler, kit.invert(positive=kit.conditioning())["samples"])
+    assert torch.allclose(via_sampler, kit.invert()["samples"])
     with pytest.raises(ValueError, match="FlipSigmas"):
         comfy.sample.sample_custom(kit.model, torch.zeros_like(samples), 1.0, sampler, sigmas.flip(0),
                                    kit.conditioning(), kit.conditioning(), samples, seed=0)
