@@ -150,9 +150,9 @@ class UnscaledInversion(comfy.samplers.Sampler):
 class InvertedNoise:
     """NOISE for SamplerCustomAdvanced that makes sampling start exactly at the inverted x_T.
 
-    The host starts from noise_scaling(sigma, noise, latent): latent + noise * sqrt(1 + sigma^2)
-    (or * sigma) for eps and v models, sigma * noise + (1 - sigma) * latent for flow models, so
-    the noise is solved for from the latent the sampler is given.
+    The host starts from its model's noise_scaling(sigma, noise, latent), which every model type
+    defines its own way but always as an affine map of the noise; so the noise is solved for
+    through that very function, from the latent the sampler is given.
     """
 
     def __init__(self, model, inverted, sigma: float):
@@ -165,11 +165,14 @@ class InvertedNoise:
             raise ValueError(f"noise: the sampler's latent has shape {list(latent.shape)} but the inverted noise "
                              f"{list(self.start.shape)}; give it a latent of the inverted image's size")
         latent = self.model.process_latent_in(latent) if torch.count_nonzero(latent) > 0 else torch.zeros_like(latent)
-        sampling, sigma = self.model.model_sampling, self.sigma
-        if isinstance(sampling, comfy.model_sampling.CONST):
-            return (self.start - (1 - sigma) * latent) / sigma
-        at_max = math.isclose(float(sampling.sigma_max), sigma, rel_tol=1e-5) or sigma > float(sampling.sigma_max)
-        return (self.start - latent) / (math.sqrt(1 + sigma ** 2) if at_max else sigma)
+        sampling, sigma = self.model.model_sampling, torch.tensor(self.sigma)
+        sigma_max = float(sampling.sigma_max)
+        at_max = math.isclose(sigma_max, self.sigma, rel_tol=1e-5) or self.sigma > sigma_max
+
+        def start_from(noise):  # what the host's sampler starts from, as in KSAMPLER.sample
+            return sampling.noise_scaling(sigma, noise, latent.clone(), max_denoise=at_max)
+        offset = start_from(torch.zeros_like(latent))
+        return (self.start - offset) / (start_from(torch.ones_like(latent)) - offset)
 
 
 NODE_CLASS_MAPPINGS = {"DDIMInvert": DDIMInvert, "DDIMInversionSampler": DDIMInversionSampler}
