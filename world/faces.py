@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 FACTORS = ("smile", "eye_open", "face_hue", "hair_hue", "head_size", "x_position", "background")
+SIZE = 32  # pixels a side: the model's and the regressor's images
 SUPERSAMPLING = 4
 
 
@@ -23,7 +24,7 @@ def _rgb(hue: float, saturation: float, value: float) -> tuple:
     return tuple(round(255 * c) for c in colorsys.hsv_to_rgb(hue % 1.0, saturation, value))
 
 
-def render(factors, size: int = 32) -> np.ndarray:
+def render(factors, size: int = SIZE) -> np.ndarray:
     """One face as a [size, size, 3] uint8 image (drawn 4x larger, then box-filtered down)."""
     f = dict(zip(FACTORS, (float(v) for v in factors)))
     side = size * SUPERSAMPLING
@@ -52,7 +53,7 @@ def render(factors, size: int = 32) -> np.ndarray:
     return np.asarray(image.resize((size, size), Image.BOX))
 
 
-def dataset(count: int, seed: int, size: int = 32):
+def dataset(count: int, seed: int, size: int = SIZE):
     """(images [count, size, size, 3] uint8, factors [count, len(FACTORS)])."""
     factors = sample_factors(count, seed)
     return np.stack([render(row, size) for row in factors]), factors

@@ -9,13 +9,18 @@ import math
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 import comfy.latent_formats
 import comfy.model_base
+import comfy.model_management
+import comfy.model_patcher
+import comfy.sd
 import comfy.supported_models
 
+from .faces import SIZE as IMAGE_SIZE
+
 WEIGHTS = Path(__file__).resolve().parent / "faces_unet.safetensors"
-IMAGE_SIZE = 32
 CONTEXT_DIM = 32  # the text context is empty (zeros): the model is unconditional
 UNET = {
     "use_checkpoint": False, "image_size": IMAGE_SIZE, "in_channels": 3, "out_channels": 3,
@@ -69,3 +74,18 @@ def initialise(unet: torch.nn.Module, seed: int) -> None:
 
 def empty_context(batch: int) -> torch.Tensor:
     return torch.zeros(batch, 1, CONTEXT_DIM)
+
+
+def load_patcher(path: Path = WEIGHTS) -> comfy.model_patcher.ModelPatcher:
+    """The trained model as the host runs a checkpoint: a ModelPatcher on the host's devices."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing; train and export it with world/train.py --export")
+    model = build_model()
+    model.diffusion_model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
+
+
+def pixel_vae() -> comfy.sd.VAE:
+    """The host's identity VAE: images in [0, 1] to the model's [-1, 1] pixels and back."""
+    return comfy.sd.VAE(sd={"pixel_space_vae": torch.tensor(1.0)})

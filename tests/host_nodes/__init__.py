@@ -1,11 +1,20 @@
 """Test-only nodes, loaded by the test host from its custom_nodes folder; never part of the pack.
 
 They stand in for checkpoint and text-encoder loading, which needs weights this machine cannot
-download: a UNet of a real block structure with seeded weights, and seeded conditioning.
+download: a UNet of a real block structure with seeded weights, and seeded conditioning; and the
+faces world's trained model (world/), which the demo uses too.
 """
+import sys
+from pathlib import Path
+
 import torch
 
 from .unets import FAMILIES, build_clip, build_unet, build_vae, with_gaussian_prior
+
+REPO = str(Path(__file__).resolve().parents[2])  # tests/host_nodes -> the repository, for world/
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+from world.model import empty_context, load_patcher, pixel_vae  # noqa: E402
 
 
 class TinyUNetLoader:
@@ -80,5 +89,22 @@ class TinyCheckpointLoader:
         return (with_gaussian_prior(build_unet(family, seed=seed)), build_clip(family, seed), build_vae(seed))
 
 
+class FacesWorldLoader:
+    """The faces world's trained model (world/model.py), loaded as the host loads a checkpoint. Its
+    conditioning is the empty context it was trained with, so it stands in for text encoding too."""
+    CATEGORY = "testing"
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL", "VAE", "CONDITIONING")
+    DESCRIPTION = "The faces world's 32 x 32 pixel-space diffusion model, its identity VAE and its empty conditioning."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def load(self):
+        return load_patcher(), pixel_vae(), [[empty_context(1), {}]]
+
+
 NODE_CLASS_MAPPINGS = {"TinyUNetLoader": TinyUNetLoader, "TinyVAELoader": TinyVAELoader,
-                       "TinyConditioning": TinyConditioning, "TinyCheckpointLoader": TinyCheckpointLoader}
+                       "TinyConditioning": TinyConditioning, "TinyCheckpointLoader": TinyCheckpointLoader,
+                       "FacesWorldLoader": FacesWorldLoader}

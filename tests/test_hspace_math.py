@@ -1,0 +1,26 @@
+"""h-space principal directions on plain tensors: planted directions of variation come back."""
+import pytest
+import torch
+
+import directions_testing  # noqa: F401
+from directions.hspace import principal_directions
+
+
+def test_planted_directions_come_back_in_order_of_spread_despite_a_drift_over_timesteps():
+    generator = torch.Generator().manual_seed(0)
+    planted = torch.linalg.qr(torch.randn(64, 2, generator=generator)).Q.T  # two orthonormal directions
+    timesteps, samples = 10, 200
+    drift = 50 * torch.randn(timesteps, 1, 64, generator=generator)  # h moves with the noise level
+    amounts = torch.randn(timesteps, samples, 2, generator=generator) * torch.tensor([3.0, 1.5])
+    features = drift + amounts @ planted + 0.05 * torch.randn(timesteps, samples, 64, generator=generator)
+    vectors, spread = principal_directions(features, 3)
+    assert vectors.shape == (3, 64) and torch.allclose(vectors.norm(dim=1), torch.ones(3), atol=1e-5)
+    assert abs(float(vectors[0] @ planted[0])) > 0.999 and abs(float(vectors[1] @ planted[1])) > 0.999
+    assert spread[0] == pytest.approx(3.0, rel=0.05) and spread[1] == pytest.approx(1.5, rel=0.05)
+    assert spread[2] < 0.1
+    assert (vectors.gather(1, vectors.abs().argmax(1, keepdim=True)) > 0).all()  # reproducible signs
+
+
+def test_too_few_samples_is_refused_with_the_expected_shape():
+    with pytest.raises(ValueError, match=r"features: expected \[timesteps, samples >= 2, channels\]"):
+        principal_directions(torch.zeros(4, 1, 8), 2)
