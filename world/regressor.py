@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from world.faces import FACTORS, dataset  # noqa: E402
+from world.faces import FACTORS, dataset, render  # noqa: E402
 
 WEIGHTS = Path(__file__).resolve().parent / "regressor.safetensors"
 TRAIN_SEED, HELD_OUT_SEED = 101, 202  # neither is the diffusion model's training seed
@@ -74,6 +74,16 @@ def load() -> FactorRegressor:
     model = FactorRegressor()
     model.load_state_dict(load_file(str(WEIGHTS)))
     return model.eval()
+
+
+@torch.no_grad()
+def read_and_redraw(model: FactorRegressor, pixels: np.ndarray):
+    """(factors [B, 7], PSNR [B]): what the regressor reads from uint8 images [B, 32, 32, 3], and how close
+    each image is to the face the generator draws from those factors (a face of this world scores high)."""
+    factors = model(to_input(pixels)).numpy()
+    redrawn = np.stack([render(row, pixels.shape[1]) for row in factors]).astype(float)
+    error = ((pixels.astype(float) - redrawn) ** 2).mean((1, 2, 3))
+    return factors, 10 * np.log10(255 ** 2 / np.maximum(error, 1e-10))
 
 
 def main():

@@ -1,0 +1,43 @@
+"""The model card's samples: 32 faces from the committed model through the host's KSampler (ddim,
+20 steps, the seeds of one batch), written to world/samples.jpg at 3x, with how close they come to
+faces of the world (PSNR against the face the regressor's reading redraws to; real images of the
+world score about 35 dB) and how far the factors they show spread.
+
+    .venv/bin/python world/samples.py
+"""
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO))
+from host import Host  # noqa: E402
+from world.faces import FACTORS, SIZE  # noqa: E402
+from world.regressor import load, read_and_redraw  # noqa: E402
+
+PICTURE = Path(__file__).resolve().parent / "samples.jpg"
+
+
+def main(count: int = 32, columns: int = 8, scale: int = 3):
+    host = Host(Path(tempfile.mkdtemp(prefix="semdir-samples-")))
+    registry = host.nodes.NODE_CLASS_MAPPINGS
+    model, vae, empty = registry["FacesWorldLoader"]().load()
+    latent = registry["EmptyLatentImage"]().generate(8 * SIZE, 8 * SIZE, count)[0]
+    samples = host.nodes.common_ksampler(model, 0, 20, 1.0, "ddim", "normal", empty, empty, latent)[0]
+    pixels = (registry["VAEDecode"]().decode(vae, samples)[0] * 255).round().to(torch.uint8).numpy()
+    factors, psnr = read_and_redraw(load(), pixels)
+    rows = [np.concatenate(list(pixels[i:i + columns]), 1) for i in range(0, count, columns)]
+    grid = Image.fromarray(np.concatenate(rows, 0))
+    grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(PICTURE, quality=92)
+    print(f"wrote {PICTURE}; PSNR against the redrawn face: median {np.median(psnr):.1f} dB "
+          f"(quartiles {np.percentile(psnr, 25):.1f}, {np.percentile(psnr, 75):.1f}); factor spread "
+          + ", ".join(f"{name} {value:.2f}" for name, value in zip(FACTORS, factors.std(0))))
+
+
+if __name__ == "__main__":
+    main()
