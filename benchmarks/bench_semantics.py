@@ -1,22 +1,25 @@
 """Do the directions mean anything? Measured in the faces world (world/): a diffusion model trained
 on cartoon faces drawn from seven known factors, and a regressor that reads the factors back.
 
-Every method's directions sit at the same sites and are swept over the same alphas on the same
-seeds; alpha is the shift in units of the site's RMS token norm, so every direction perturbs by the
-same norm. Methods: attention eigendirections (whitened, value, qkv-stack) at every self-attention
-layer, sampled with ddim; h-space principal directions (of the middle block's output across
-samples, per timestep), sampled with the pack's Asyrp Sampler, which h-space edits need; and random
-unit directions at the same sites and with the same sampler as the baseline, as many as each
-method has. Per direction:
+Every direction is swept over the same alphas on the same seeds; alpha is the shift in units of
+the site's RMS token norm, so every direction perturbs by the same norm. Methods: attention
+eigendirections (whitened, value, qkv-stack) at every self-attention layer, sampled with ddim;
+h-space principal directions (one set, of the middle block's output averaged over positions,
+across samples with each timestep centred on its own mean), sampled with the pack's Asyrp Sampler,
+which h-space edits need; and, as the baseline of each family, random unit directions at the same
+sites, as many, with the same sampler. Per direction:
 
 - effect: the largest |slope| of one factor against alpha (factor units, each factor spans 0 to 1);
 - purity: that factor's share of the summed |slope| over all seven factors;
-- preservation: PSNR (dB) of the edited image against the alpha = 0 image, outside the pixels the
-  changed factor owns (the face drawn by the generator with and without the change);
+- preservation: PSNR (dB, the mean over images) of the edited image against the alpha = 0 image,
+  outside the pixels the changed factor owns (the face drawn by the generator with and without
+  the change);
 - effect_on_inverted (best direction of each method): the same effect on held-out images of the
   world inverted with DDIM Invert and sampled back edited;
 - per method, the largest and the median effect over those of the random directions at its sites.
-Once: inversion_psnr, the PSNR of invert -> reconstruct on those held-out images. Writes
+Once: inversion_psnr, the PSNR of invert -> reconstruct on those held-out images, and
+inversion_factor_error, how far the factors read from the reconstructions are from the originals'
+(mean absolute, factor units). Writes
 benchmarks/semantics.jpg, the best directions' sweeps. All on the host's real nodes.
 """
 import sys
@@ -31,7 +34,7 @@ from common import REPO, arguments, pack_module, report, start_host
 
 sys.path.insert(0, str(REPO))
 from world.faces import FACTORS, SIZE as IMAGE_SIZE, dataset, render  # noqa: E402
-from world.regressor import load as load_regressor  # noqa: E402
+from world.regressor import load as load_regressor, to_input  # noqa: E402
 
 SEEDS, BASE_SEED, STEPS = 16, 1000, 20
 ALPHAS = (-2.0, -1.0, 1.0, 2.0)
@@ -64,7 +67,7 @@ class World:
         sigmas = self.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", STEPS)
         samples = self.sample_module.sample_custom(model, noise, 1.0, sampler or self.ddim, sigmas, self.conditioning,
                                                    self.conditioning, start, seed=seed)
-        return self.vae.decode(samples).float().clamp(0, 1)
+        return self.vae.decode(samples).float()
 
     def sweep(self, model, alphas, sampler=None) -> torch.Tensor:
         """Every seed at every alpha, in one sampler call -> [SEEDS, len(alphas), 32, 32, 3]."""
@@ -72,17 +75,17 @@ class World:
         images = self.sample(model, start, sampler, batch_index=[seed for seed in range(SEEDS) for _ in alphas])
         return images.reshape(SEEDS, len(alphas), IMAGE_SIZE, IMAGE_SIZE, 3)
 
-    def edited(self, dset, index, site, alphas, images: int):
-        """The model with one direction applied: ``alphas`` in turn along a batch of ``images`` images."""
-        alpha_list = ", ".join(str(alphas[i % len(alphas)]) for i in range(images))
+    def edited(self, dset, index, site, alphas, batch: int):
+        """The model with one direction applied: ``alphas`` in turn along a latent batch of ``batch`` images."""
+        alpha_list = ", ".join(str(alphas[i % len(alphas)]) for i in range(batch))
         return self.registry["ApplyDirection"]().apply(self.model, dset, index, site, 0.0, 0.0, 1.0, "both",
                                                        alpha_list=alpha_list)[0]
 
     @torch.no_grad()
     def factors(self, images: torch.Tensor) -> torch.Tensor:
-        """[..., 32, 32, 3] in [0, 1] -> [..., 7], as the regressor reads them."""
-        flat = images.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3).permute(0, 3, 1, 2) * 2 - 1
-        return self.regressor(flat).reshape(*images.shape[:-3], len(FACTORS))
+        """[..., 32, 32, 3] in [0, 1] -> [..., 7], as the regressor reads them from the saved 8-bit images."""
+        pixels = (images.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3) * 255).round().to(torch.uint8).numpy()
+        return self.regressor(to_input(pixels)).reshape(*images.shape[:-3], len(FACTORS))
 
 
 def slopes(base: torch.Tensor, swept: torch.Tensor, alphas) -> torch.Tensor:
@@ -111,7 +114,7 @@ def measure(world, base_images, base_factors, images, alphas) -> dict:
     swept = world.factors(images)
     slope = slopes(base_factors, swept, alphas)
     factor = int(slope.abs().argmax())
-    keep = [~owned_pixels(base_factors[s].clamp(0, 1).numpy(), factor, float(slope[factor]) * alpha)
+    keep = [~owned_pixels(base_factors[s].numpy(), factor, float(slope[factor]) * alpha)
             for s in range(SEEDS) for alpha in alphas]
     outside = [psnr(images[s, i], base_images[s, 0], keep[s * len(alphas) + i])
                for s in range(SEEDS) for i in range(len(alphas)) if keep[s * len(alphas) + i].any()]
@@ -134,48 +137,54 @@ def hspace_set(world, dset_module, hspace_module):
     collected = []
     hook = world.model.model.diffusion_model.middle_block[-1].register_forward_hook(  # the host calls the layers
         lambda module, inputs, output: collected.append(output.float().mean((2, 3)).cpu()))
-    world.sample(world.model, torch.zeros(HSPACE_SAMPLES, 3, IMAGE_SIZE, IMAGE_SIZE), seed=BASE_SEED + 1)
-    hook.remove()
+    try:
+        world.sample(world.model, torch.zeros(HSPACE_SAMPLES, 3, IMAGE_SIZE, IMAGE_SIZE), seed=BASE_SEED + 1)
+    finally:
+        hook.remove()
+    assert len(collected) == STEPS, f"expected one UNet call of the whole batch per step, got {len(collected)}"
     vectors, spread = hspace_module.principal_directions(torch.stack(collected), HSPACE_COUNT)
     return dset_module.DirectionSet(sites={"h_space": dset_module.SiteDirections(vectors, spread)},
                                     method="hspace-pca", model={"family": "faces", "fingerprint": "-"})
 
 
 def inverted(world):
-    """Held-out world images inverted with the pack's DDIM Invert: (originals [N, 32, 32, 3], latent)."""
+    """Held-out world images inverted with the pack's DDIM Invert: (originals [N, 32, 32, 3], its x_T LATENT)."""
     pixels, _ = dataset(HELD_OUT_IMAGES, HELD_OUT_SEED, IMAGE_SIZE)
     originals = torch.from_numpy(pixels).float() / 255
     latent = {"samples": world.vae.encode(originals)}
-    noise = world.registry["DDIMInvert"]().invert(world.model, latent, STEPS, "normal", 1.0, 2, world.conditioning)[0]
-    return originals, noise
+    inverted_latent = world.registry["DDIMInvert"]().invert(world.model, latent, STEPS, "normal", 1.0, 2,
+                                                            world.conditioning)[0]
+    return originals, inverted_latent
 
 
-def sample_back(world, model, noise, alphas, sampler=None) -> torch.Tensor:
+def sample_back(world, model, inverted_latent, alphas, sampler=None) -> torch.Tensor:
     """Each inverted image at each alpha -> [N, A, 32, 32, 3] (add_noise off, as after inversion)."""
-    count = noise["samples"].shape[0]
-    images = world.sample(model, noise["samples"].repeat_interleave(len(alphas), 0), sampler, add_noise=False)
+    count = inverted_latent["samples"].shape[0]
+    start = inverted_latent["samples"].repeat_interleave(len(alphas), 0)
+    images = world.sample(model, start, sampler, add_noise=False)
     return images.reshape(count, len(alphas), IMAGE_SIZE, IMAGE_SIZE, 3)
 
 
-def picture(rows: list, path: Path, scale: int = 3, seeds=(0, 1, 2)):
-    """One row per direction: its sweep for a few seeds, alpha 0 in the middle, with a label."""
-    tile, label_width, header = IMAGE_SIZE * scale, 360, 22
-    columns = len(seeds) * (len(ALPHAS) + 1)
-    canvas = Image.new("RGB", (label_width + columns * tile + (len(seeds) - 1) * 8, header + len(rows) * tile),
-                       (255, 255, 255))
-    draw = ImageDraw.Draw(canvas)
+def picture(rows: list, path: Path, scale: int = 3, seeds=(0, 1, 2), gap: int = 8):
+    """One row per direction: its sweep for a few seeds, alphas in order (0 the unedited image), labelled."""
+    tile, label_width, header = IMAGE_SIZE * scale, 240, 22
     order = sorted([*ALPHAS, 0.0])
-    for j, seed in enumerate(seeds):
+
+    def left(j, i):  # seed j's alpha i
+        return label_width + j * (len(order) * tile + gap) + i * tile
+    canvas = Image.new("RGB", (left(len(seeds), 0) - gap, header + len(rows) * tile), "white")
+    draw = ImageDraw.Draw(canvas)
+    for j in range(len(seeds)):
         for i, alpha in enumerate(order):
-            draw.text((label_width + j * 8 + (j * len(order) + i) * tile + tile // 3, 5), f"{alpha:+g}", fill=(0, 0, 0))
+            draw.text((left(j, i) + tile // 3, 5), f"{alpha:+g}", fill="black")
     for r, (label, base, images) in enumerate(rows):
-        draw.text((6, header + r * tile + tile // 2 - 14), label, fill=(0, 0, 0))
+        draw.text((6, header + r * tile + tile // 2 - 14), label, fill="black")
         for j, seed in enumerate(seeds):
             by_alpha = {**dict(zip(ALPHAS, images[seed])), 0.0: base[seed, 0]}
             for i, alpha in enumerate(order):
                 pixels = (by_alpha[alpha].numpy() * 255).round().astype(np.uint8)
-                canvas.paste(Image.fromarray(pixels).resize((tile, tile), Image.NEAREST),
-                             (label_width + j * 8 + (j * len(order) + i) * tile, header + r * tile))
+                shown = Image.fromarray(pixels).resize((tile, tile), Image.NEAREST)
+                canvas.paste(shown, (left(j, i), header + r * tile))
     canvas.save(path, quality=90)
 
 
@@ -227,15 +236,15 @@ def main():
                 if not args.json:
                     print(method, record, flush=True)
 
-    originals, noise = inverted(world)
-    reconstructed = sample_back(world, world.model, noise, [0.0])
+    originals, inverted_latent = inverted(world)
+    reconstructed = sample_back(world, world.model, inverted_latent, [0.0])
     original_factors = world.factors(originals)
     methods = {}
     for method in sets:
         methods[method] = summary(records[method], records.get(BASELINE.get(method)))
         best = methods[method]["best"][0]
         model = world.edited(sets[method], best["index"], best["site"], ALPHAS, HELD_OUT_IMAGES * len(ALPHAS))
-        edited = sample_back(world, model, noise, ALPHAS, sampler_of(world, method))
+        edited = sample_back(world, model, inverted_latent, ALPHAS, sampler_of(world, method))
         effect = slopes(world.factors(reconstructed)[:, 0], world.factors(edited), ALPHAS)
         best["effect_on_inverted"] = round(float(effect[FACTORS.index(best["factor"])].abs()), 4)
 

@@ -1,10 +1,11 @@
-"""The README's demo command on the built-in tiny model: it writes its folder and names it."""
+"""The README's demo command on the built-in faces world model: it writes its folder and names it."""
 import os
 import re
 import subprocess
 import sys
 
 import pytest
+from PIL import Image
 from safetensors import safe_open
 
 from host import REPO
@@ -22,6 +23,8 @@ def test_demo_writes_its_folder(tmp_path):
     assert all(any(name.startswith(prefix) for name in files)
                for prefix in ("semdir_sweep", "semdir_edited", "semdir_reconstruction"))
     report = next(tmp_path.glob("demo-*/report.txt")).read_text()
-    assert "built-in tiny model" in report and re.search(r"\d+\.\d+ s  render the strength sweep", report)
+    assert "faces world model" in report and re.search(r"\d+\.\d+ s  render the strength sweep", report)
+    edited = Image.open(next(tmp_path.glob("demo-*/semdir_edited_*.png")))
+    assert edited.size == (128, 128)  # the world's 32 pixels, shown 4x
     with safe_open(str(next(tmp_path.glob("demo-*/directions_whitened.safetensors"))), "pt") as directions:
         assert directions.metadata()["semantic_directions"]

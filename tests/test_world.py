@@ -1,4 +1,5 @@
-"""The faces world (world/faces.py): deterministic, and every factor visibly changes the picture."""
+"""The faces world (world/): the generator is deterministic and every factor shows; the regressor reads
+the factors back; the trained model loads and samples faces of the world through the host."""
 import sys
 
 import numpy as np
@@ -51,18 +52,13 @@ def test_the_committed_regressor_reads_the_factors_back():
 
 def test_the_trained_model_loads_and_samples_faces_of_the_world_through_the_host(host):
     """FacesWorldLoader -> KSampler (ddim, 20 steps) -> VAEDecode: the committed model draws faces the
-    generator could have drawn (each sample is close to the face its regressor-read factors render
+    generator could have drawn (each sample is close to the face its regressor-read factors redraw
     to), and varied ones (the factors spread over their range)."""
-    import torch
     from world.regressor import load, read_and_redraw
-    registry = host.nodes.NODE_CLASS_MAPPINGS
-    model, vae, empty = registry["FacesWorldLoader"]().load()
-    latent = registry["EmptyLatentImage"]().generate(256, 256, 16)[0]  # 256 / 8: the world's 32 pixels
-    samples = host.nodes.common_ksampler(model, 7, 20, 1.0, "ddim", "normal", empty, empty, latent)[0]
-    assert samples["samples"].shape == (16, 3, 32, 32)
-    images = registry["VAEDecode"]().decode(vae, samples)[0]
-    assert images.shape == (16, 32, 32, 3) and 0 <= float(images.min()) and float(images.max()) <= 1
-    factors, psnr = read_and_redraw(load(), (images * 255).round().to(torch.uint8).numpy())
+    from world.samples import sample_faces
+    pixels = sample_faces(host, 16, seed=7)
+    assert pixels.shape == (16, 32, 32, 3)
+    factors, psnr = read_and_redraw(load(), pixels)
     spread = dict(zip(FACTORS, factors.std(0).round(3)))
     print("PSNR of each sample against its factors redrawn:", psnr.round(1), "factor spread:", spread)
     assert np.median(psnr) > 20

@@ -23,13 +23,17 @@ from world.regressor import load, read_and_redraw  # noqa: E402
 PICTURE = Path(__file__).resolve().parent / "samples.jpg"
 
 
-def main(count: int = 32, columns: int = 8, scale: int = 3):
-    host = Host(Path(tempfile.mkdtemp(prefix="semdir-samples-")))
+def sample_faces(host, count: int, seed: int = 0) -> np.ndarray:
+    """uint8 [count, 32, 32, 3]: FacesWorldLoader -> EmptyLatentImage -> KSampler (ddim, 20 steps) -> VAEDecode."""
     registry = host.nodes.NODE_CLASS_MAPPINGS
     model, vae, empty = registry["FacesWorldLoader"]().load()
-    latent = registry["EmptyLatentImage"]().generate(8 * SIZE, 8 * SIZE, count)[0]
-    samples = host.nodes.common_ksampler(model, 0, 20, 1.0, "ddim", "normal", empty, empty, latent)[0]
-    pixels = (registry["VAEDecode"]().decode(vae, samples)[0] * 255).round().to(torch.uint8).numpy()
+    latent = registry["EmptyLatentImage"]().generate(8 * SIZE, 8 * SIZE, count)[0]  # sized for an 8x VAE
+    samples = host.nodes.common_ksampler(model, seed, 20, 1.0, "ddim", "normal", empty, empty, latent)[0]
+    return (registry["VAEDecode"]().decode(vae, samples)[0] * 255).round().to(torch.uint8).numpy()
+
+
+def main(count: int = 32, columns: int = 8, scale: int = 3):
+    pixels = sample_faces(Host(Path(tempfile.mkdtemp(prefix="semdir-samples-"))), count)
     factors, psnr = read_and_redraw(load(), pixels)
     rows = [np.concatenate(list(pixels[i:i + columns]), 1) for i in range(0, count, columns)]
     grid = Image.fromarray(np.concatenate(rows, 0))

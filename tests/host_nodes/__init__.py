@@ -13,7 +13,7 @@ from .unets import FAMILIES, build_clip, build_unet, build_vae, with_gaussian_pr
 
 REPO = str(Path(__file__).resolve().parents[2])  # tests/host_nodes -> the repository, for world/
 if REPO not in sys.path:
-    sys.path.insert(0, REPO)
+    sys.path.append(REPO)
 from world.model import empty_context, load_patcher, pixel_vae  # noqa: E402
 
 
