@@ -66,10 +66,10 @@ def on_faces_model(prompt: dict) -> dict:
     for i in encoders:
         del prompt[i]
     for node in prompt.values():
-        node["inputs"] = {name: relinked.get(tuple(value), value) if isinstance(value, list) else value
-                          for name, value in node["inputs"].items()}
         if [loader, 1] in node["inputs"].values():
             sys.exit(f"demo: {node['class_type']} takes the checkpoint's CLIP, which the faces model has not")
+        node["inputs"] = {name: relinked.get(tuple(value), value) if isinstance(value, list) else value
+                          for name, value in node["inputs"].items()}
         if node["class_type"] == "EmptyLatentImage":  # its size is in pixels of an 8x-downscaling VAE
             node["inputs"].update(width=8 * FACES_SIZE, height=8 * FACES_SIZE)
     for i in decoders:
