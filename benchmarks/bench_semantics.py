@@ -141,7 +141,9 @@ def hspace_set(world, dset_module, hspace_module):
         world.sample(world.model, torch.zeros(HSPACE_SAMPLES, 3, IMAGE_SIZE, IMAGE_SIZE), seed=BASE_SEED + 1)
     finally:
         hook.remove()
-    assert len(collected) == STEPS, f"expected one UNet call of the whole batch per step, got {len(collected)}"
+    if len(collected) != STEPS:
+        raise RuntimeError(f"h-space: expected one UNet call of the whole batch per step, got {len(collected)} "
+                           f"calls for {STEPS} steps; lower HSPACE_SAMPLES so the host does not split the batch")
     vectors, spread = hspace_module.principal_directions(torch.stack(collected), HSPACE_COUNT)
     return dset_module.DirectionSet(sites={"h_space": dset_module.SiteDirections(vectors, spread)},
                                     method="hspace-pca", model={"family": "faces", "fingerprint": "-"})

@@ -15,6 +15,8 @@ def principal_directions(features: torch.Tensor, count: int):
     """
     if features.ndim != 3 or features.shape[1] < 2:
         raise ValueError(f"features: expected [timesteps, samples >= 2, channels], got {list(features.shape)}")
+    if count < 1:
+        raise ValueError(f"count: expected at least 1 direction, got {count}")
     centred = (features - features.mean(dim=1, keepdim=True)).flatten(0, 1).double()
     _, values, vh = torch.linalg.svd(centred, full_matrices=False)
     count = min(count, vh.shape[0])

@@ -170,7 +170,7 @@ class InvertedNoise:
         at_max = math.isclose(sigma_max, self.sigma, rel_tol=1e-5) or self.sigma > sigma_max
 
         def start_from(noise):  # what the host's sampler starts from, as in KSAMPLER.sample
-            return sampling.noise_scaling(sigma, noise, latent.clone(), max_denoise=at_max)
+            return sampling.noise_scaling(sigma, noise, latent, max_denoise=at_max)
         offset = start_from(torch.zeros_like(latent))
         return (self.start - offset) / (start_from(torch.ones_like(latent)) - offset)
 

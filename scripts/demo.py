@@ -33,9 +33,11 @@ FACES_MODEL = (
     "middle and decoder), trained on CPU for this pack on 32 x 32 cartoon faces drawn from seven known "
     "factors (smile, eye openness, face and hair hue, head size, position, background). It is "
     "unconditional, so the workflows' prompts are replaced by its empty conditioning, and its images are "
-    "shown 4x larger. Its edits are real but the world is small: for real photos run "
+    "shown 4x larger. The photo's edit is stronger than the workflow's SD1.5 setting (direction 1, alpha 2 "
+    "over the whole range, inside the mask), which barely shows on it. Its edits are real but the world is small: for real photos run "
     "CKPT=/path/to/sd15-or-sdxl.safetensors make demo")
 FACES_SCALE = 4
+FACES_EDIT = {"index": 1, "alpha": 2.0, "end_percent": 1.0}  # the workflow's SD1.5 edit barely shows on it
 PHOTO_SEED = 404  # a face none of the world's models saw
 
 
@@ -56,7 +58,8 @@ def prompt_from(name: str, registry, checkpoint: Path | None) -> dict:
 def on_faces_model(prompt: dict) -> dict:
     """The prompt on the faces world's model. Its loader gives MODEL, VAE and the empty conditioning the
     model was trained with, which replaces every text encoder's output; images are drawn at the world's
-    32 pixels and scaled up 4x (nearest) wherever they are decoded."""
+    32 pixels and scaled up 4x (nearest) wherever they are decoded; a single edit (an Apply Direction
+    without an alpha list) takes FACES_EDIT's settings."""
     loader = node_of(prompt, "CheckpointLoaderSimple")
     prompt[loader] = {"class_type": "FacesWorldLoader", "inputs": {}}
     encoders = [i for i, node in prompt.items() if node["class_type"] == "CLIPTextEncode"]
@@ -72,6 +75,8 @@ def on_faces_model(prompt: dict) -> dict:
                           for name, value in node["inputs"].items()}
         if node["class_type"] == "EmptyLatentImage":  # its size is in pixels of an 8x-downscaling VAE
             node["inputs"].update(width=8 * FACES_SIZE, height=8 * FACES_SIZE)
+        if node["class_type"] == "ApplyDirection" and not node["inputs"].get("alpha_list"):
+            node["inputs"].update(FACES_EDIT)
     for i in decoders:
         prompt[f"{i}_shown"] = {"class_type": "ImageScaleBy", "inputs": {
             "image": [i, 0], "upscale_method": "nearest-exact", "scale_by": FACES_SCALE}}

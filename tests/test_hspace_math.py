@@ -24,3 +24,8 @@ def test_planted_directions_come_back_in_order_of_spread_despite_a_drift_over_ti
 def test_too_few_samples_is_refused_with_the_expected_shape():
     with pytest.raises(ValueError, match=r"features: expected \[timesteps, samples >= 2, channels\]"):
         principal_directions(torch.zeros(4, 1, 8), 2)
+
+
+def test_a_count_below_one_is_refused():
+    with pytest.raises(ValueError, match="count: expected at least 1 direction, got 0"):
+        principal_directions(torch.randn(4, 8, 8), 0)
