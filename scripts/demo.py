@@ -33,9 +33,9 @@ FACES_MODEL = (
     "middle and decoder), trained on CPU for this pack on 32 x 32 cartoon faces drawn from seven known "
     "factors (smile, eye openness, face and hair hue, head size, position, background). It is "
     "unconditional, so the workflows' prompts are replaced by its empty conditioning, and its images are "
-    "shown 4x larger. The photo's edit is stronger than the workflow's SD1.5 setting (direction 1, alpha 2 "
-    "over the whole range, inside the mask), which barely shows on it. Its edits are real but the world is small: for real photos run "
-    "CKPT=/path/to/sd15-or-sdxl.safetensors make demo")
+    "shown 4x larger. The photo's edit is stronger than the workflow's SD1.5 setting, which barely shows on "
+    "it: direction {index}, alpha {alpha:g} from start to {end_percent:g}, inside the mask. Its edits are real "
+    "but the world is small: for real photos run CKPT=/path/to/sd15-or-sdxl.safetensors make demo")
 FACES_SCALE = 4
 FACES_EDIT = {"index": 1, "alpha": 2.0, "end_percent": 1.0}  # the workflow's SD1.5 edit barely shows on it
 PHOTO_SEED = 404  # a face none of the world's models saw
@@ -143,7 +143,8 @@ def main():
                   (next(out.glob("semdir_reconstruction_*.png")), "inverted, sampled back"),
                   (next(out.glob("semdir_edited_*.png")), "edited in the mask")], out / "edit_result.png")
     report.append("Semantic Directions demo")
-    report.append(f"model: {checkpoint} ({'SDXL' if sdxl else 'SD1.5'})" if checkpoint else FACES_MODEL)
+    report.append(f"model: {checkpoint} ({'SDXL' if sdxl else 'SD1.5'})" if checkpoint
+                  else FACES_MODEL.format(**FACES_EDIT))
     report.append("")
     report += [f"{seconds:8.2f} s  {name}" for name, seconds in timings.items()]
     report.append("")

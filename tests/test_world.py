@@ -55,13 +55,12 @@ def test_the_trained_model_loads_and_samples_faces_of_the_world_through_the_host
     generator could have drawn (each sample is closer to the face its own regressor-read factors redraw
     to than to another sample's: 15.4 against 10.4 dB when measured; uniform noise scores 10 dB, the
     generator's faces 35), and varied ones (the factors spread over their range)."""
-    from world.regressor import load, read_and_redraw
+    from world.regressor import load, read_and_redraw, redraw_psnr
     from world.samples import sample_faces
     pixels = sample_faces(host, 16, seed=7)
     assert pixels.shape == (16, 32, 32, 3)
     factors, psnr = read_and_redraw(load(), pixels)
-    others = np.stack([render(row) for row in np.roll(factors, 1, axis=0)]).astype(float)
-    psnr_against_others = 10 * np.log10(255 ** 2 / ((pixels.astype(float) - others) ** 2).mean((1, 2, 3)))
+    psnr_against_others = redraw_psnr(pixels, np.roll(factors, 1, axis=0))
     spread = dict(zip(FACTORS, factors.std(0).round(3)))
     print("PSNR of each sample against its factors redrawn:", psnr.round(1),
           "against another's:", psnr_against_others.round(1), "factor spread:", spread)

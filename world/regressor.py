@@ -81,9 +81,14 @@ def read_and_redraw(model: FactorRegressor, pixels: np.ndarray):
     """(factors [B, 7], PSNR [B]): what the regressor reads from uint8 images [B, 32, 32, 3], and how close
     each image is to the face the generator draws from those factors (a face of this world scores high)."""
     factors = model(to_input(pixels)).numpy()
+    return factors, redraw_psnr(pixels, factors)
+
+
+def redraw_psnr(pixels: np.ndarray, factors: np.ndarray) -> np.ndarray:
+    """PSNR [B] (dB) of uint8 images [B, H, W, 3] against the faces the generator draws from ``factors`` [B, 7]."""
     redrawn = np.stack([render(row, pixels.shape[1]) for row in factors]).astype(float)
     error = ((pixels.astype(float) - redrawn) ** 2).mean((1, 2, 3))
-    return factors, 10 * np.log10(255 ** 2 / np.maximum(error, 1e-10))
+    return 10 * np.log10(255 ** 2 / np.maximum(error, 1e-10))
 
 
 def main():
