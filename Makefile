@@ -13,10 +13,10 @@ test: env
 
 env: $(VENV)/.ready
 
-$(VENV)/.ready: requirements.txt requirements-test.txt scripts/fetch_comfyui.py Makefile
+$(VENV)/.ready: requirements.txt requirements-test.txt harness/comfyui.py Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(VPY) -m pip install --quiet $(TORCH)
-	$(VPY) scripts/fetch_comfyui.py > $(VENV)/host-path
+	$(VPY) -m harness.comfyui > $(VENV)/host-path
 	grep -vE '^(torch|torchvision|torchaudio)([<>=~!; ]|$$)' "$$(cat $(VENV)/host-path)/requirements.txt" \
 		> $(VENV)/host-requirements.txt
 	$(VPY) -m pip install --quiet -r $(VENV)/host-requirements.txt -r requirements.txt -r requirements-test.txt
@@ -24,15 +24,15 @@ $(VENV)/.ready: requirements.txt requirements-test.txt scripts/fetch_comfyui.py 
 
 ## make demo: the pack's main job on the pinned host; CKPT=/path/model.safetensors for a real SD1.5 or SDXL model.
 demo: env
-	$(VPY) scripts/demo.py
+	$(VPY) -m scripts.demo
 
 ## make bench: every benchmark, each printing one JSON object.
 bench: env
-	for script in benchmarks/bench_*.py; do $(VPY) $$script --json || exit 1; done
+	for script in benchmarks/bench_*.py; do $(VPY) -m benchmarks.$$(basename $$script .py) --json || exit 1; done
 
 ## make workflows: write workflows/*.json again from their descriptions, and their thumbnails from the front end.
 workflows: env
-	$(VPY) scripts/build_workflows.py
+	$(VPY) -m scripts.build_workflows
 	WRITE_THUMBNAILS=1 $(VPY) -m pytest tests/test_front_end.py
 
 clean:

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from common import PeakRss, arguments, report, start_host
+from benchmarks.common import PeakRss, arguments, report, start_host
 
 STEPS, LATENT, REPEATS = 5, 16, 3
 
@@ -24,7 +24,7 @@ STEPS, LATENT, REPEATS = 5, 16, 3
 def main():
     args = arguments(__doc__)
     host = start_host(args.device)
-    from semdir_test_nodes.unets import build_unet
+    from harness.test_nodes.unets import build_unet
     import comfy.sample
     import comfy.samplers
     registry = host.nodes.NODE_CLASS_MAPPINGS

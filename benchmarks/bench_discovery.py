@@ -9,7 +9,7 @@ node's accuracy comes out of the same run: the largest relative gain error over 
 """
 import torch
 
-from common import PeakRss, arguments, pack_module, report, start_host, timed
+from benchmarks.common import PeakRss, arguments, report, start_host, timed
 
 COUNT, REPEATS = 10, 3
 
@@ -17,8 +17,9 @@ COUNT, REPEATS = 10, 3
 def main():
     args = arguments(__doc__)
     host = start_host(args.device)
-    from semdir_test_nodes.unets import build_unet
-    attention, unet = pack_module(host, "directions.attention"), pack_module(host, "nodes.unet")
+    from harness.test_nodes.unets import build_unet
+    from semantic_directions.directions import attention
+    from semantic_directions.nodes import unet
     node = host.nodes.NODE_CLASS_MAPPINGS["DiscoverAttentionEigendirections"]()
     import comfy.model_management
     device = comfy.model_management.get_torch_device()

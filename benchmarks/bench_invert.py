@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from common import arguments, report, start_host
+from benchmarks.common import arguments, report, start_host
 
 STEPS, LATENT = 50, 16
 
@@ -19,7 +19,7 @@ STEPS, LATENT = 50, 16
 def main():
     args = arguments(__doc__)
     host = start_host(args.device)
-    from semdir_test_nodes.unets import build_unet, with_gaussian_prior
+    from harness.test_nodes.unets import build_unet, with_gaussian_prior
     invert_node = host.nodes.NODE_CLASS_MAPPINGS["DDIMInvert"]()
     default_refine = invert_node.INPUT_TYPES()["required"]["refine"][1]["default"]
     model = with_gaussian_prior(build_unet("sd15", full_size=True))

@@ -22,7 +22,6 @@ inversion_factor_error, how far the factors read from the reconstructions are fr
 (mean absolute, factor units). Writes
 benchmarks/semantics.jpg, the best directions' sweeps. All on the host's real nodes.
 """
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +29,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from common import REPO, arguments, pack_module, report, start_host
-
-sys.path.insert(0, str(REPO))
-from world.faces import FACTORS, SIZE as IMAGE_SIZE, dataset, render  # noqa: E402
-from world.regressor import load as load_regressor, to_input  # noqa: E402
+from benchmarks.common import arguments, report, start_host
+from world.faces import FACTORS, SIZE as IMAGE_SIZE, dataset, render
+from world.regressor import load as load_regressor, to_input
 
 SEEDS, BASE_SEED, STEPS = 16, 1000, 20
 ALPHAS = (-2.0, -1.0, 1.0, 2.0)
@@ -213,7 +210,7 @@ def main():
     args = arguments(__doc__)
     host = start_host(args.device)
     world = World(host)
-    dset_module = pack_module(host, "directions.directionset")
+    from semantic_directions.directions import directionset as dset_module, hspace
     base_images = world.sweep(world.model, [0.0])
     base_factors = world.factors(base_images)[:, 0]
 
@@ -221,7 +218,7 @@ def main():
     sets = {method: discover.discover(world.model, "all", PER_SITE, method, 1.0)[0]
             for method in ("whitened", "value", "qkv-stack")}
     attention_widths = {site: s.width for site, s in sets["whitened"].sites.items()}
-    sets["hspace-pca"] = hspace_set(world, dset_module, pack_module(host, "directions.hspace"))
+    sets["hspace-pca"] = hspace_set(world, dset_module, hspace)
     sets["random-attention"] = random_set(dset_module, attention_widths, PER_SITE, seed=1)
     sets["random-hspace"] = random_set(dset_module, {"h_space": sets["hspace-pca"].sites["h_space"].width},
                                        HSPACE_COUNT, seed=2)

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from common import arguments, report, start_host, timed
+from benchmarks.common import arguments, report, start_host, timed
 
 SHAPE = (1, 4, 64, 64)
 

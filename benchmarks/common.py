@@ -1,17 +1,15 @@
 """Shared benchmark set-up: the real host in this process, with the pack and the test-only UNet builder."""
 import argparse
 import json
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import psutil
 
+from harness.host import shared_host
+
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-from host import Host  # noqa: E402
 
 
 def arguments(description: str):
@@ -22,15 +20,8 @@ def arguments(description: str):
 
 
 def start_host(device: str):
-    host = Host(Path(tempfile.mkdtemp(prefix="semdir-bench-")), device=device)
-    sys.path.insert(0, str(host.base / "custom_nodes"))
-    return host
-
-
-def pack_module(host, name: str):
-    """A module of the pack as the host loaded it (e.g. 'directions.attention')."""
-    package = host.nodes.NODE_CLASS_MAPPINGS["SaveDirections"].__module__.rsplit(".nodes.", 1)[0]
-    return __import__(f"{package}.{name}", fromlist=["_"])
+    """The host in this process, on ``device``; the pack it loaded is importable as ``semantic_directions``."""
+    return shared_host(device)
 
 
 def timed(function, repeats: int = 3):

@@ -6,12 +6,11 @@ Run it after changing a description or a node's inputs (`make workflows`); a tes
 checked-in files equal what it writes.
 """
 import json
-import sys
 import tempfile
 import uuid
 from pathlib import Path
 
-from workflow_format import MUTED, extra_widget_value, is_widget
+from scripts.workflow_format import MUTED, extra_widget_value, is_widget
 
 REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO / "workflows"
@@ -361,8 +360,7 @@ def build_all(registry) -> dict:
 
 
 def main():
-    sys.path.insert(0, str(REPO / "tests"))
-    from host import Host
+    from harness.host import Host
     host = Host(Path(tempfile.mkdtemp(prefix="semdir-workflows-")))
     for name, text in build_all(host.nodes.NODE_CLASS_MAPPINGS).items():
         (WORKFLOWS / name).write_text(text, encoding="utf-8")

@@ -19,13 +19,11 @@ import torch
 from PIL import Image, ImageDraw
 from safetensors import safe_open
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-from host import Host  # noqa: E402
-from workflow_format import to_api  # noqa: E402
+from harness.host import Host
+from scripts.workflow_format import to_api
+from world.faces import SIZE as FACES_SIZE, dataset
 
-sys.path.insert(0, str(REPO))
-from world.faces import SIZE as FACES_SIZE, dataset  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 FACES_MODEL = (
     "No checkpoint given, so this ran the built-in faces world model (world/faces_unet.safetensors, see "

@@ -6,18 +6,21 @@ import time
 import pytest
 import requests
 
-from host import Host, prepare_base, requested_device  # first: it puts scripts/ on the path
-from directions_testing import sample_set
-from directions.fileformat import save_directions
-from fetch_comfyui import ensure_host
+from harness.comfyui import ensure_host
+from harness.host import prepare_base, server_environment, shared_host
 
 SERVER_START_TIMEOUT_S = 180
 
 
+def pytest_configure(config):
+    """The host first: it loads the pack, which test modules then import as ``semantic_directions``."""
+    shared_host()
+
+
 @pytest.fixture(scope="session")
-def host(tmp_path_factory):
-    """The real ComfyUI host with the pack loaded from a custom_nodes folder (one per session)."""
-    return Host(tmp_path_factory.mktemp("comfyui-base"), device=requested_device())
+def host():
+    """The real ComfyUI host with the pack loaded from a custom_nodes folder (one per process)."""
+    return shared_host()
 
 
 def free_port() -> int:
@@ -30,6 +33,8 @@ def free_port() -> int:
 def server(tmp_path_factory):
     """``main.py --cpu`` on a free port with the pack in custom_nodes and one direction file;
     yields (url, base folder, log path). Every wait is bounded."""
+    from directions_testing import sample_set
+    from semantic_directions.directions.fileformat import save_directions
     base = prepare_base(tmp_path_factory.mktemp("server-base"))
     save_directions(sample_set(), base / "models" / "directions" / "seed.safetensors")
     port, log_path = free_port(), base / "server.log"
@@ -37,7 +42,8 @@ def server(tmp_path_factory):
                "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
                "--disable-auto-launch"]
     with log_path.open("w") as log:
-        process = subprocess.Popen(command, cwd=ensure_host(), stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(command, cwd=ensure_host(), stdout=log, stderr=subprocess.STDOUT,
+                                   env=server_environment())
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S

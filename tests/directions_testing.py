@@ -1,12 +1,7 @@
-"""Helpers for library tests: the library imported as a top-level package, and sample sets."""
-import sys
-from pathlib import Path
-
+"""Helpers for library tests: sample direction sets."""
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from directions.directionset import DirectionSet, SiteDirections, model_fingerprint  # noqa: E402
+from semantic_directions.directions.directionset import DirectionSet, SiteDirections, model_fingerprint
 
 SITE_A = "input_blocks.7.1.transformer_blocks.0.attn1"
 SITE_B = "middle_block.1.transformer_blocks.0.attn1"
@@ -27,3 +22,17 @@ def sample_set(gains: bool = True) -> DirectionSet:
     widths = {SITE_A: 64, SITE_B: 128, "h_space": 128}
     return DirectionSet(sites=sites, method="test", params={"count": 4, "note": "ünïcode"},
                         model={"family": "SD15", "fingerprint": model_fingerprint("SD15", widths)})
+
+
+FLOAT32_EPS = torch.finfo(torch.float32).eps
+
+
+def assert_float32_close(actual: torch.Tensor, expected: torch.Tensor, ulps: float = 64, scale=None) -> None:
+    """Equal up to float32 rounding: every difference within ``ulps`` float32 epsilons of the largest
+    magnitude involved (``scale``, default the larger of the two tensors' largest entries). Sums and
+    products of a few dozen float32 terms of magnitude M round to errors of order M * eps, anywhere in
+    the tensor, so a tolerance relative to each element (rtol) or absolute (atol) misjudges them."""
+    if scale is None:
+        scale = max(actual.detach().abs().max().item(), expected.detach().abs().max().item())
+    worst = (actual.double() - expected.double()).abs().max().item()
+    assert worst <= ulps * FLOAT32_EPS * scale, f"differ by {worst:.3g}, more than {ulps} float32 ulps of {scale:.3g}"

@@ -2,9 +2,8 @@
 import pytest
 import torch
 
-import directions_testing  # noqa: F401
-from directions.apply import DirectionEdit, mask_to_tokens, parse_numbers, rms_token_norm, shift_feature_map
-from directions.asyrp import ancestral_split, asyrp_step
+from semantic_directions.directions.apply import DirectionEdit, mask_to_tokens, parse_numbers, rms_token_norm, shift_feature_map
+from semantic_directions.directions.asyrp import ancestral_split, asyrp_step
 
 SITE = "input_blocks.1.1.transformer_blocks.0.attn1"
 SIGMA = torch.tensor([5.0])

@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-import directions_testing  # noqa: F401  (puts the library on the path)
-from directions.attention import (EXACT_SVD_MAX_WIDTH, METHODS, AttentionWeights, attention_directions,
+from semantic_directions.directions.attention import (EXACT_SVD_MAX_WIDTH, METHODS, AttentionWeights, attention_directions,
                                   fix_signs, shift_jacobian, shift_operator, whitening_constant)
 
 

@@ -8,13 +8,13 @@ import pytest
 from PIL import Image
 from safetensors import safe_open
 
-from host import REPO
+from harness.host import REPO
 
 pytestmark = pytest.mark.server
 
 
 def test_demo_writes_its_folder(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "demo.py")], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "scripts.demo"], cwd=REPO, capture_output=True, text=True,
                             timeout=900, env={**os.environ, "DEMO_OUT": str(tmp_path), "CKPT": ""})
     assert result.returncode == 0, result.stderr[-3000:]
     folder = re.search(r"demo: everything is in (\S+)", result.stdout).group(1)

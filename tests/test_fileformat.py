@@ -9,8 +9,8 @@ import torch
 from safetensors.torch import save_file
 
 from directions_testing import SITE_A, orthonormal, sample_set
-from directions.directionset import DirectionError, DirectionSet, SiteDirections, describe, site_kind
-from directions.fileformat import (FORMAT_VERSION, METADATA_KEY, DirectionFileError, load_directions,
+from semantic_directions.directions.directionset import DirectionError, DirectionSet, SiteDirections, describe, site_kind
+from semantic_directions.directions.fileformat import (FORMAT_VERSION, METADATA_KEY, DirectionFileError, load_directions,
                                    safe_file_path, save_directions)
 
 

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import requests
 
-from host import REPO
+from harness.host import REPO
 
 WORKFLOWS = REPO / "workflows"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

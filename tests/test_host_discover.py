@@ -1,13 +1,11 @@
 """Host layer: Discover Attention Eigendirections on real host models, graphs, patches and dtypes."""
 import hashlib
-import sys
 
 import pytest
 import torch
 
-import directions_testing  # noqa: F401
-from directions.attention import AttentionWeights, attention_directions
-from directions.fileformat import load_directions
+from semantic_directions.directions.attention import AttentionWeights, attention_directions
+from semantic_directions.directions.fileformat import load_directions
 from graphs import discover_and_save
 
 PATH_7 = "input_blocks.7.1.transformer_blocks.0.attn1"
@@ -16,8 +14,7 @@ PATH_7 = "input_blocks.7.1.transformer_blocks.0.attn1"
 @pytest.fixture(scope="module")
 def tiny(host):
     """build_unet from the test-only nodes, and the pack's node class as the host registered it."""
-    sys.path.insert(0, str(host.base / "custom_nodes"))
-    from semdir_test_nodes.unets import build_unet
+    from harness.test_nodes.unets import build_unet
     return build_unet, host.nodes.NODE_CLASS_MAPPINGS["DiscoverAttentionEigendirections"]()
 
 
@@ -183,7 +180,7 @@ def transformer_only_flux():
 
 def unet_without_attention():
     import comfy.supported_models
-    from semdir_test_nodes.unets import SD15_UNET
+    from harness.test_nodes.unets import SD15_UNET
     config = comfy.supported_models.SD15(dict(
         SD15_UNET, model_channels=32, context_dim=32, transformer_depth=[0] * 8, transformer_depth_middle=0,
         transformer_depth_output=[0] * 12, dtype=torch.float32))

@@ -3,9 +3,9 @@ import pytest
 from safetensors import safe_open
 
 from directions_testing import sample_set
-from directions.fileformat import save_directions
+from semantic_directions.directions.fileformat import save_directions
 from graphs import save_loaded_directions
-from host import PACK_NODES, NodeFailed, PromptRejected
+from harness.host import PACK_NODES, NodeFailed, PromptRejected
 
 
 

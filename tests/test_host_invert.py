@@ -1,11 +1,9 @@
 """DDIM Invert and the DDIM Inversion Sampler: round trips, call counts, prediction types, graphs."""
-import sys
 
 import pytest
 import torch
 
-import directions_testing  # noqa: F401
-from directions.inversion import inversion_step
+from semantic_directions.directions.inversion import inversion_step
 
 
 def test_refinement_solves_the_implicit_step_on_a_toy_denoiser():
@@ -36,8 +34,7 @@ class Kit:
     the scale SD's VAE produces (unit variance once the host scales it in)."""
 
     def __init__(self, host):
-        sys.path.insert(0, str(host.base / "custom_nodes"))
-        from semdir_test_nodes.unets import build_unet, with_gaussian_prior
+        from harness.test_nodes.unets import build_unet, with_gaussian_prior
         import comfy.samplers
         self.host, self.samplers = host, comfy.samplers
         self.build = lambda **options: with_gaussian_prior(build_unet("sd15", **options))  # noqa: E731

@@ -13,9 +13,7 @@ def test_tiny_unet_samples_through_ksampler(host):
 
 
 def test_tiny_unet_has_the_sd15_attention_layout(host):
-    import sys
-    sys.path.insert(0, str(host.base / "custom_nodes"))
-    from semdir_test_nodes.unets import build_unet
+    from harness.test_nodes.unets import build_unet
     model = build_unet("sd15").model
     attn1 = [name for name, _ in model.diffusion_model.named_modules() if name.endswith("attn1")]
     blocks = sorted({name.split(".transformer_blocks")[0] for name in attn1})

@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from host import NodeFailed
+from harness.host import NodeFailed
 
 STEPS, SPLIT = 10, 4
 

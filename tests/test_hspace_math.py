@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-import directions_testing  # noqa: F401
-from directions.hspace import principal_directions
+from semantic_directions.directions.hspace import principal_directions
 
 
 def test_planted_directions_come_back_in_order_of_spread_despite_a_drift_over_timesteps():

@@ -8,7 +8,7 @@ import requests
 from safetensors import safe_open
 
 from graphs import save_loaded_directions
-from host import PACK_DIR_NAME, PACK_NODES, REPO
+from harness.host import PACK_DIR_NAME, PACK_NODES, REPO
 
 PROMPT_TIMEOUT_S = 120
 

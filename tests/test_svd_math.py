@@ -2,8 +2,7 @@
 import pytest
 import torch
 
-import directions_testing  # noqa: F401
-from directions.svd import AttributeWeights, channel_svd, components, scale_singular_value, subspace_distance, \
+from semantic_directions.directions.svd import AttributeWeights, channel_svd, components, scale_singular_value, subspace_distance, \
     transfer_attribute
 
 

@@ -1,16 +1,13 @@
 """The example workflows: up to date with their descriptions, and run by the real host on the tiny model."""
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
-from build_workflows import SDXL_CHECKPOINT, WORKFLOWS, build_all  # noqa: E402
-from workflow_format import to_api  # noqa: E402
+from scripts.build_workflows import SDXL_CHECKPOINT, WORKFLOWS, build_all
+from scripts.workflow_format import to_api
 
 TINY_CHECKPOINT = ("TinyCheckpointLoader", {"seed": 0})
 TINY_SIZE = 128  # pixels: a 16 x 16 latent, as many singular vectors as the SVD workflow takes

@@ -1,13 +1,8 @@
 """The faces world (world/): the generator is deterministic and every factor shows; the regressor reads
 the factors back; the trained model loads and samples faces of the world through the host."""
-import sys
-
 import numpy as np
 
-from host import REPO
-
-sys.path.insert(0, str(REPO))
-from world.faces import FACTORS, dataset, render, sample_factors  # noqa: E402
+from world.faces import FACTORS, dataset, render, sample_factors
 
 
 def test_the_same_seed_gives_the_same_images_and_factors():

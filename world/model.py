@@ -3,7 +3,7 @@
 schedule, in pixel space (3 channels; the host's identity VAE, a state dict holding only
 ``pixel_space_vae``, maps images to [-1, 1] and back).
 
-Needs the host's modules importable (``comfy``), as inside ComfyUI or after scripts/fetch_comfyui.py.
+Needs the host's modules importable (``comfy``), as inside ComfyUI or after ``harness.comfyui.make_importable()``.
 """
 import math
 from pathlib import Path
@@ -79,7 +79,7 @@ def empty_context(batch: int) -> torch.Tensor:
 def load_patcher(path: Path = WEIGHTS) -> comfy.model_patcher.ModelPatcher:
     """The trained model as the host runs a checkpoint: a ModelPatcher on the host's devices."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing; train and export it with world/train.py --export")
+        raise FileNotFoundError(f"{path} is missing; train and export it with python -m world.train --export")
     model = build_model()
     model.diffusion_model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),

@@ -1,10 +1,9 @@
 """The measuring instrument of the faces world: a small CNN that reads the seven factors back from
 any 32 x 32 image, trained on the generator's labels. Deterministic for a seed.
 
-    .venv/bin/python world/regressor.py   # train, report held-out accuracy, write world/regressor.safetensors
+    .venv/bin/python -m world.regressor  # train, report held-out accuracy, write world/regressor.safetensors
 """
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -12,8 +11,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from world.faces import FACTORS, dataset, render  # noqa: E402
+from world.faces import FACTORS, dataset, render
 
 WEIGHTS = Path(__file__).resolve().parent / "regressor.safetensors"
 TRAIN_SEED, HELD_OUT_SEED = 101, 202  # neither is the diffusion model's training seed

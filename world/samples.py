@@ -3,9 +3,8 @@
 faces of the world (PSNR against the face the regressor's reading redraws to, beside the same
 figure for the generator's own images) and how far the factors they show spread.
 
-    .venv/bin/python world/samples.py
+    .venv/bin/python -m world.samples
 """
-import sys
 import tempfile
 from pathlib import Path
 
@@ -13,12 +12,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO))
-from host import Host  # noqa: E402
-from world.faces import FACTORS, SIZE, dataset  # noqa: E402
-from world.regressor import HELD_OUT_SEED, load, read_and_redraw  # noqa: E402
+from harness.host import Host
+from world.faces import FACTORS, SIZE, dataset
+from world.regressor import HELD_OUT_SEED, load, read_and_redraw
 
 PICTURE = Path(__file__).resolve().parent / "samples.jpg"
 

@@ -3,8 +3,8 @@ host's default discrete schedule, Adam, an EMA of the weights. Deterministic for
 batch, timesteps and noise come from the seed and the step number), and resumable: it saves a
 safetensors checkpoint every --every steps and continues from it when run again.
 
-    .venv/bin/python world/train.py --steps 20000           # train, or resume, to step 20000
-    .venv/bin/python world/train.py --steps 20000 --export  # then write world/faces_unet.safetensors
+    .venv/bin/python -m world.train --steps 20000           # train, or resume, to step 20000
+    .venv/bin/python -m world.train --steps 20000 --export  # then write world/faces_unet.safetensors
 """
 import argparse
 import json
@@ -17,12 +17,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "scripts"))
-sys.path.insert(0, str(REPO))
-from fetch_comfyui import ensure_host  # noqa: E402
+from harness.comfyui import make_importable
 
-sys.path.insert(0, str(ensure_host()))
+REPO = Path(__file__).resolve().parent.parent
+make_importable()
 import comfy.options  # noqa: E402,F401  (the host's argument parsing stays off)
 from comfy.cli_args import args as host_args  # noqa: E402
 

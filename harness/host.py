@@ -1,24 +1,34 @@
 """The real ComfyUI host in this process, loading the pack the way ComfyUI does at start-up.
 
-A fresh base directory holds ``custom_nodes`` (links to the pack and to the test-only nodes in
-``tests/host_nodes``), ``models``, ``input`` and ``output``. The host's own node registry imports
+A base directory holds ``custom_nodes`` (a link to the pack, and a one-line package that loads
+``harness.test_nodes``), ``models``, ``input`` and ``output``. The host's own node registry imports
 both from there; prompts go through ``execution.validate_prompt`` and ``execution.PromptExecutor``.
+
+The host imports the pack under a name made from its folder's path. :class:`Host` makes that very
+module importable as ``semantic_directions`` too, so tests, benchmarks and the demo use the library
+the host's nodes use (one ``DirectionSet`` class per process), never a second copy from the source tree.
 """
 import asyncio
+import atexit
+import importlib
 import inspect
 import os
+import pkgutil
+import shutil
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from .comfyui import REPO, make_importable
+
 PACK_DIR_NAME = "comfyui-semantic-directions"
+PACK_MODULE = "semantic_directions"
 PACK_NODES = {"SaveDirections", "LoadDirections", "DiscoverAttentionEigendirections", "ApplyDirection",
               "AsyrpSampler", "LabelledImageGrid", "DDIMInvert", "DDIMInversionSampler", "SVDLatentAttribute",
               "SVDLatentExplore", "SVDLatentAnalysis"}
 TEST_NODES_DIR_NAME = "semdir_test_nodes"
-sys.path.insert(0, str(REPO / "scripts"))
-from fetch_comfyui import ensure_host  # noqa: E402
+TEST_NODES_SHIM = "from harness.test_nodes import NODE_CLASS_MAPPINGS  # noqa: F401  (the development harness)\n"
 
 
 class PromptRejected(Exception):
@@ -41,19 +51,24 @@ def prepare_base(base: Path) -> Path:
     """A ComfyUI base directory whose custom_nodes hold the pack and the test-only nodes."""
     custom = base / "custom_nodes"
     custom.mkdir(parents=True, exist_ok=True)
-    for name, target in ((PACK_DIR_NAME, REPO), (TEST_NODES_DIR_NAME, REPO / "tests" / "host_nodes")):
-        if not (custom / name).exists():
-            (custom / name).symlink_to(target, target_is_directory=True)
+    if not (custom / PACK_DIR_NAME).exists():
+        (custom / PACK_DIR_NAME).symlink_to(REPO, target_is_directory=True)
+    (custom / TEST_NODES_DIR_NAME).mkdir(exist_ok=True)
+    (custom / TEST_NODES_DIR_NAME / "__init__.py").write_text(TEST_NODES_SHIM)
     return base
+
+
+def server_environment() -> dict:
+    """The environment for a ``main.py`` process on a prepared base: the harness importable by name."""
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path}
 
 
 class Host:
     """One in-process host: its modules, a real PromptServer (never started) and an executor."""
 
     def __init__(self, base: Path, device: str = "cpu"):
-        root = ensure_host()
-        self.root, self.base = root, prepare_base(base)
-        sys.path.insert(0, str(root))
+        self.root, self.base = make_importable(), prepare_base(base)
         import comfy.options  # noqa: F401  (argument parsing stays off: defaults apply)
         from comfy.cli_args import args
         args.base_directory = str(base)
@@ -73,6 +88,8 @@ class Host:
         self.executor = execution.PromptExecutor(
             self.server, cache_type=execution.CacheType.CLASSIC,
             cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
+        if self.pack_loaded:
+            _name_pack(nodes.NODE_CLASS_MAPPINGS["SaveDirections"].__module__.rsplit(".nodes.", 1)[0])
 
     @staticmethod
     def _asset_manager(server, args):
@@ -112,6 +129,31 @@ class Host:
         return Path(self.folder_paths.get_folder_paths(folder)[0])
 
 
+def _name_pack(loaded: str) -> None:
+    """Make the pack the host imported as ``loaded`` importable as ``semantic_directions``: the same
+    module objects under a second name, every library and node module included."""
+    for part in ("directions", "nodes"):
+        package = importlib.import_module(f"{loaded}.{part}")
+        for module in pkgutil.iter_modules(package.__path__):
+            importlib.import_module(f"{loaded}.{part}.{module.name}")
+    for name, module in list(sys.modules.items()):
+        if name == loaded or name.startswith(loaded + "."):
+            sys.modules[PACK_MODULE + name[len(loaded):]] = module
+
+
 def requested_device() -> str:
     """``SEMDIR_TEST_DEVICE=cuda`` runs the host tests on the GPU (the host's default device)."""
     return os.environ.get("SEMDIR_TEST_DEVICE", "cpu")
+
+
+_shared = []
+
+
+def shared_host(device: str | None = None) -> Host:
+    """The process's host on a temporary base directory (removed at exit), made on first use, on
+    ``device`` (default: :func:`requested_device`)."""
+    if not _shared:
+        base = Path(tempfile.mkdtemp(prefix="semdir-host-"))
+        atexit.register(shutil.rmtree, base, ignore_errors=True)
+        _shared.append(Host(base, device=device or requested_device()))
+    return _shared[0]

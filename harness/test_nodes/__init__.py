@@ -1,20 +1,14 @@
-"""Test-only nodes, loaded by the test host from its custom_nodes folder; never part of the pack.
+"""Test-only nodes, loaded by the harness's host from its custom_nodes folder; never part of the pack.
 
 They stand in for checkpoint and text-encoder loading, which needs weights this machine cannot
 download: a UNet of a real block structure with seeded weights, and seeded conditioning; and the
 faces world's trained model (world/), which the demo uses too.
 """
-import sys
-from pathlib import Path
-
 import torch
 
-from .unets import FAMILIES, build_clip, build_unet, build_vae, with_gaussian_prior
+from world.model import empty_context, load_patcher, pixel_vae
 
-REPO = str(Path(__file__).resolve().parents[2])  # tests/host_nodes -> the repository, for world/
-if REPO not in sys.path:
-    sys.path.append(REPO)
-from world.model import empty_context, load_patcher, pixel_vae  # noqa: E402
+from .unets import FAMILIES, build_clip, build_unet, build_vae, with_gaussian_prior
 
 
 class TinyUNetLoader:
