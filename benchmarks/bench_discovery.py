@@ -19,7 +19,7 @@ def main():
     host = start_host(args.device)
     from harness.test_nodes.unets import build_unet
     from semantic_directions.directions import attention
-    from semantic_directions.nodes import unet
+    from semantic_directions.nodes import host as unet_host
     node = host.nodes.NODE_CLASS_MAPPINGS["DiscoverAttentionEigendirections"]()
     import comfy.model_management
     device = comfy.model_management.get_torch_device()
@@ -37,10 +37,10 @@ def main():
 
     def full_eigh(patcher):
         def run(_):
-            layers, key_patches = unet.attention_layers(patcher), patcher.get_key_patches("diffusion_model.")
+            layers, key_patches = unet_host.attention_layers(patcher), patcher.get_key_patches("diffusion_model.")
             exact_gains = {}
             for path, module in layers.items():
-                weights = unet.read_attention_weights(patcher, key_patches, path, module.heads, device)
+                weights = unet_host.read_attention_weights(patcher, key_patches, path, module.heads, device)
                 with torch.no_grad():
                     apply, _ = attention.shift_operator(weights, "whitened")
                     jacobian = apply(torch.eye(weights.width, device=device))
@@ -55,7 +55,7 @@ def main():
     for name, family in (("sd15", "sd15"), ("sdxl", "sdxl")):
         patcher = build_unet(family, dtype=torch.float16, full_size=True)
         with torch.no_grad():
-            figures[f"{name}_layers"] = len(unet.attention_layers(patcher))
+            figures[f"{name}_layers"] = len(unet_host.attention_layers(patcher))
             with PeakRss() as memory:
                 seconds, (found, _) = timed(discover(patcher), REPEATS)
                 figures[f"{name}_all_layers_s"] = round(seconds, 4)

@@ -121,14 +121,14 @@ def measure(world, base_images, base_factors, images, alphas) -> dict:
             "slope": round(float(slope[factor]), 4)}
 
 
-def random_set(dset_module, widths: dict, count: int, seed: int):
+def random_set(dset_module, model_entry: dict, widths: dict, count: int, seed: int):
     generator = torch.Generator().manual_seed(seed)
     sites = {site: dset_module.SiteDirections(F.normalize(torch.randn(count, width, generator=generator), dim=1))
              for site, width in widths.items()}
-    return dset_module.DirectionSet(sites=sites, method="random", model={"family": "faces", "fingerprint": "-"})
+    return dset_module.DirectionSet(sites=sites, method="random", model=model_entry)
 
 
-def hspace_set(world, dset_module, hspace_module):
+def hspace_set(world, dset_module, hspace_module, model_entry: dict):
     """Principal directions of h (the middle block's output, averaged over positions) across samples
     other than the measured ones."""
     collected = []
@@ -143,7 +143,7 @@ def hspace_set(world, dset_module, hspace_module):
                            f"calls for {STEPS} steps; lower HSPACE_SAMPLES so the host does not split the batch")
     vectors, spread = hspace_module.principal_directions(torch.stack(collected), HSPACE_COUNT)
     return dset_module.DirectionSet(sites={"h_space": dset_module.SiteDirections(vectors, spread)},
-                                    method="hspace-pca", model={"family": "faces", "fingerprint": "-"})
+                                    method="hspace-pca", model=model_entry)
 
 
 def inverted(world):
@@ -211,6 +211,8 @@ def main():
     host = start_host(args.device)
     world = World(host)
     from semantic_directions.directions import directionset as dset_module, hspace
+    from semantic_directions.nodes.host import made_for
+    model_entry = made_for(world.model)
     base_images = world.sweep(world.model, [0.0])
     base_factors = world.factors(base_images)[:, 0]
 
@@ -218,9 +220,9 @@ def main():
     sets = {method: discover.discover(world.model, "all", PER_SITE, method, 1.0)[0]
             for method in ("whitened", "value", "qkv-stack")}
     attention_widths = {site: s.width for site, s in sets["whitened"].sites.items()}
-    sets["hspace-pca"] = hspace_set(world, dset_module, hspace)
-    sets["random-attention"] = random_set(dset_module, attention_widths, PER_SITE, seed=1)
-    sets["random-hspace"] = random_set(dset_module, {"h_space": sets["hspace-pca"].sites["h_space"].width},
+    sets["hspace-pca"] = hspace_set(world, dset_module, hspace, model_entry)
+    sets["random-attention"] = random_set(dset_module, model_entry, attention_widths, PER_SITE, seed=1)
+    sets["random-hspace"] = random_set(dset_module, model_entry, {"h_space": sets["hspace-pca"].sites["h_space"].width},
                                        HSPACE_COUNT, seed=2)
     records, images_of = {}, {}
     for method, dset in sets.items():

@@ -23,6 +23,10 @@ METADATA_KEY = "semantic_directions"
 SUFFIX = ".safetensors"
 _HEADER_LIMIT = 100 * 1024 * 1024
 _SAFE_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9 ._+=()\[\]-]*$")
+# Names Windows reserves for devices, with any extension: a file called so cannot be shared with it.
+_RESERVED = re.compile(r"^(CON|PRN|AUX|NUL|COM[0-9]|LPT[0-9])(\..*)?$", re.IGNORECASE)
+MAX_PART = 200  # characters a folder or file name may have (file systems allow 255 bytes, the suffix and .partial too)
+MAX_NAME = 1000
 
 
 class DirectionFileError(ValueError):
@@ -161,8 +165,16 @@ def safe_file_path(folder, name: str) -> Path:
     """
     if not isinstance(name, str) or not name.strip():
         raise DirectionFileError("file name is empty")
+    if len(name) > MAX_NAME:
+        raise DirectionFileError(f"file name is {len(name)} characters long; keep it under {MAX_NAME}")
     parts = name.strip().replace("\\", "/").split("/")
     for part in parts:
+        if len(part) > MAX_PART:
+            raise DirectionFileError(f"file name part {part[:40]!r}... is {len(part)} characters long; keep each "
+                                     f"folder and file name under {MAX_PART}")
+        if _RESERVED.match(part):
+            raise DirectionFileError(f"file name {part!r} is reserved on Windows (CON, PRN, AUX, NUL, COM0-9, "
+                                     f"LPT0-9); choose another so the file can be shared")
         if not _SAFE_PART.match(part) or part.endswith((" ", ".")):
             raise DirectionFileError(
                 f"file name {name!r} is not allowed: use letters, digits, spaces and ._-+=()[] "

@@ -1,33 +1,52 @@
 """Apply Direction: patch a clone of the MODEL so a direction is added at its sites inside a timestep range."""
-import math
 
-from ..directions.apply import PASSES, DirectionEdit, parse_numbers, shift_feature_map
+
+from ..directions.apply import DirectionEdit, shift_feature_map
 from ..directions.directionset import ATTN1, HSPACE, site_kind
-from . import unet
-from .common import CATEGORY, DIRECTIONS
-
-# transformer_options key the Asyrp sampler sets: "copies" (each chunk's second half runs unedited)
-# or "all" (the whole call runs unedited).
-UNEDITED = "semantic_directions_unedited"
+from . import host
+from .common import CATEGORY, DIRECTIONS, finite, finite_tensor, parse_numbers
 
 
-class Attn1Patch:
+class _Patch:
+    """What both patches share: the edit, the passes it applies to, and the batch's rows, read once per
+    model call (every layer of one call passes the same ``sigmas`` object)."""
+
+    def __init__(self, edit: DirectionEdit, passes: tuple):
+        self.edit, self.passes, self._last = edit, passes, (None, None)
+
+    def __deepcopy__(self, memo):  # host clones copy model_options; the patch is immutable and shared
+        return self
+
+    def rows(self, options: dict, count: int):
+        key = (options["sigmas"], count, tuple(options["cond_or_uncond"]), options.get(host.UNEDITED))
+        last_key, rows = self._last
+        if last_key is None or last_key[0] is not key[0] or last_key[1:] != key[1:]:
+            rows = host.batch_rows(options, count, self.passes)
+            alphas, masks = len(self.edit.alphas), 1 if self.edit.mask is None else self.edit.mask.shape[0]
+            if alphas not in (1, rows.images):
+                raise ValueError(f"alpha_list: {alphas} values for a latent batch of {rows.images} images; give one "
+                                 f"value per image")
+            if masks not in (1, rows.images):
+                raise ValueError(f"mask: {masks} masks for a latent batch of {rows.images} images; give one mask "
+                                 f"or one per image")
+            self._last = (key, rows)
+        return rows
+
+
+class Attn1Patch(_Patch):
     """attn1_patch: adds the edit to the q, k and v inputs of the named self-attention layers."""
 
-    def __init__(self, edit: DirectionEdit, sites_by_block: dict):
-        self.edit, self.sites_by_block = edit, sites_by_block
-
-    def __deepcopy__(self, memo):
-        return self
+    def __init__(self, edit: DirectionEdit, passes: tuple, sites_by_block: dict):
+        super().__init__(edit, passes)
+        self.sites_by_block = sites_by_block
 
     def __call__(self, n, context_attn1, value_attn1, extra_options):
         block = extra_options.get("block")
         site = self.sites_by_block.get((*block, extra_options.get("block_index", 0))) if block else None
-        unedited = extra_options.get(UNEDITED)
-        if site is None or unedited == "all" or not _has_batch_keys(extra_options):
+        if site is None or extra_options.get(host.UNEDITED) == "all" or not host.has_batch_keys(extra_options):
             return n, context_attn1, value_attn1
-        shifted = self.edit.shift(site, n, extra_options["activations_shape"][-2:], extra_options["cond_or_uncond"],
-                                  extra_options["sigmas"], unedited_copies=unedited == "copies")
+        rows = self.rows(extra_options, n.shape[0])
+        shifted = self.edit.shift(site, n, extra_options["activations_shape"][-2:], rows)
         if shifted is n:
             return n, context_attn1, value_attn1
         delta = shifted - n
@@ -35,34 +54,26 @@ class Attn1Patch:
                      for t in (n, context_attn1, value_attn1))
 
 
-class HSpacePatch:
+class HSpacePatch(_Patch):
     """output_block_patch: adds the edit to h-space, the middle block's output; skips stay untouched."""
 
-    def __init__(self, edit: DirectionEdit):
-        self.edit = edit
-
-    def __deepcopy__(self, memo):
-        return self
-
     def __call__(self, h, hsp, transformer_options):
-        unedited = transformer_options.get(UNEDITED)
-        if transformer_options.get("block") != ("output", 0) or unedited == "all" \
-                or not _has_batch_keys(transformer_options, grid=False):
+        if transformer_options.get("block") != ("output", 0) or transformer_options.get(host.UNEDITED) == "all" \
+                or not host.has_batch_keys(transformer_options, grid=False):
             return h, hsp
-        return shift_feature_map(self.edit, HSPACE, h, transformer_options["cond_or_uncond"],
-                                 transformer_options["sigmas"], unedited_copies=unedited == "copies"), hsp
-
-
-def _has_batch_keys(options: dict, grid: bool = True) -> bool:
-    """The keys the host's batching sets; a model called some other way runs unedited."""
-    return "cond_or_uncond" in options and "sigmas" in options and (not grid or "activations_shape" in options)
+        shifted = shift_feature_map(self.edit, HSPACE, h, self.rows(transformer_options, h.shape[0]))
+        if shifted is not h and transformer_options.get(host.SAMPLER) != host.ASYRP:
+            host.warn_once("h-space without Asyrp", "Apply Direction: an h-space edit is sampled without the Asyrp "
+                           "Sampler; a plain sampler shifts both halves of each step, which cancels to first order, "
+                           "so the edit will barely show. Sample with the Asyrp Sampler (SamplerCustom).")
+        return shifted, hsp
 
 
 def edits_on(model_options: dict) -> list:
     """The DirectionEdits that Apply Direction nodes put on a model (read by the Asyrp sampler)."""
     patches = model_options.get("transformer_options", {}).get("patches", {})
     return [p.edit for key in ("attn1_patch", "output_block_patch") for p in patches.get(key, [])
-            if isinstance(p, (Attn1Patch, HSpacePatch))]
+            if isinstance(p, _Patch)]
 
 
 class ApplyDirection:
@@ -94,7 +105,7 @@ class ApplyDirection:
                               "ConditioningSetTimestepRange."}),
             "end_percent": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip":
                             "Where the edit ends, in model time (1 = last step)."}),
-            "apply_to": (list(PASSES), {"default": "both", "tooltip":
+            "apply_to": (list(host.PASSES), {"default": "both", "tooltip":
                          "Edit the conditional pass, the unconditional pass, or both."}),
         }, "optional": {
             "mask": ("MASK", {"tooltip": "Edit only where the mask is on (resized to each layer's token grid); "
@@ -106,33 +117,31 @@ class ApplyDirection:
 
     def apply(self, model, directions, index, layer, alpha, start_percent, end_percent, apply_to,
               mask=None, alpha_list=""):
-        alphas = parse_numbers(alpha_list) if alpha_list.strip() else [alpha]
-        if not all(math.isfinite(a) for a in alphas):
-            raise ValueError(f"alpha: {alpha} is not a finite number")
+        alphas = parse_numbers(alpha_list, "alpha_list") if alpha_list.strip() else [finite("alpha", alpha)]
+        start_percent, end_percent = finite("start_percent", start_percent), finite("end_percent", end_percent)
         if start_percent > end_percent:
             raise ValueError(f"start_percent ({start_percent}) is after end_percent ({end_percent}); "
                              f"the edit range must start before it ends")
-        sites = unet.select_layers(list(directions.sites), layer, input_name="layer")
+        sites = host.select_layers(list(directions.sites), layer, input_name="layer")
         smallest = min(directions.sites[s].count for s in sites)
         if index >= smallest:
             raise ValueError(f"index: {index} is out of range; this set has {smallest} directions per site "
                              f"(0 to {smallest - 1})")
-        check_sites_fit(model, directions, sites)
+        check_made_for(model, directions, sites)
         if mask is not None:
             mask = as_mask_batch(mask)
             if len(alphas) > 1 and mask.shape[0] > 1 and len(alphas) != mask.shape[0]:
                 raise ValueError(f"mask: {mask.shape[0]} masks but alpha_list has {len(alphas)} values; give one "
                                  f"mask, or one per image")
-        sampling = model.get_model_object("model_sampling")
+        sampling = host.model_sampling(model)
         edit = DirectionEdit({s: directions.sites[s].vectors[index].clone() for s in sites}, alphas,
-                             sampling.percent_to_sigma(start_percent), sampling.percent_to_sigma(end_percent),
-                             PASSES[apply_to], mask)
+                             sampling.percent_to_sigma(start_percent), sampling.percent_to_sigma(end_percent), mask)
         patched = model.clone()
-        attention_sites = {unet.block_key(s): s for s in sites if site_kind(s) == ATTN1}
+        attention_sites = {host.block_key(s): s for s in sites if site_kind(s) == ATTN1}
         if attention_sites:
-            patched.set_model_attn1_patch(Attn1Patch(edit, attention_sites))
+            patched.set_model_attn1_patch(Attn1Patch(edit, host.PASSES[apply_to], attention_sites))
         if HSPACE in sites:
-            patched.set_model_output_block_patch(HSpacePatch(edit))
+            patched.set_model_output_block_patch(HSpacePatch(edit, host.PASSES[apply_to]))
         return (patched,)
 
 
@@ -144,29 +153,37 @@ def as_mask_batch(mask):
         mask = mask[None]
     if mask.ndim != 3 or 0 in mask.shape:
         raise ValueError(f"mask: expected a MASK of shape [H, W] or [batch, H, W], got {list(mask.shape)}")
+    finite_tensor("mask", mask, "mask's values")
     return mask.detach().float().cpu()
 
 
-def check_sites_fit(model, directions, sites) -> None:
-    """Every site must exist in this model with the set's width; latent sets belong to the SVD nodes."""
-    made_for = directions.model.get("family", "another model")
-    widths = None
+def check_made_for(model, directions, sites) -> None:
+    """The set must come from this model's family and layer widths (its fingerprint; a fine-tune or LoRA of
+    the same base shares it), and every chosen site must exist here with the set's width."""
+    made_for, here = directions.model.get("family", "another model"), host.family(model)
+    if made_for != here:
+        raise ValueError(f"directions: made for {made_for} but this model is {here}; use directions discovered "
+                         f"on this model (or one of its fine-tunes)")
     for site in sites:
         kind, width = site_kind(site), directions.sites[site].width
         if kind == ATTN1:
-            widths = widths or unet.layer_widths(unet.attention_layers(model))
-            here = widths.get(site)
+            widths = host.layer_widths(host.attention_layers(model))
+            found = widths.get(site)
         elif kind == HSPACE:
-            here = unet.hspace_width(model)
+            found = host.hspace_width(model)
         else:
             raise ValueError(f"directions: '{site}' directions act on the latent itself; use them with the "
                              f"SVD latent nodes, not Apply Direction")
-        if here is None:
-            raise ValueError(f"directions: {site} does not exist in this {unet.family(model)} model (the set "
-                             f"was made for {made_for}); use directions discovered on this model")
-        if here != width:
-            raise ValueError(f"directions: {site} has width {here} in this {unet.family(model)} model but "
-                             f"{width} in the set (made for {made_for}); use directions discovered on this model")
+        if found is None:
+            raise ValueError(f"directions: {site} does not exist in this {here} model; use directions discovered "
+                             f"on this model")
+        if found != width:
+            raise ValueError(f"directions: {site} has width {found} in this {here} model but {width} in the set; "
+                             f"use directions discovered on this model")
+    if directions.model.get("fingerprint") != host.fingerprint(model):
+        raise ValueError(f"directions: made for a {made_for} model with other layer widths than this one (fingerprint "
+                         f"{directions.model.get('fingerprint')} vs {host.fingerprint(model)}); use directions "
+                         f"discovered on this model")
 
 
 NODE_CLASS_MAPPINGS = {"ApplyDirection": ApplyDirection}

@@ -2,17 +2,18 @@
 import torch
 
 import comfy.k_diffusion.sampling
-import comfy.model_sampling
 import comfy.samplers
 
 from ..directions.asyrp import sample_asyrp
-from .apply import UNEDITED, edits_on
-from .common import CATEGORY
+from . import host
+from .apply import edits_on
+from .common import CATEGORY, finite
 
 
-def _with_unedited(extra_args: dict, mode: str) -> dict:
+def _with_options(extra_args: dict, **values) -> dict:
+    """``extra_args`` with ``values`` added to the transformer_options its patches receive."""
     options = dict(extra_args.get("model_options", {}))
-    options["transformer_options"] = {**options.get("transformer_options", {}), UNEDITED: mode}
+    options["transformer_options"] = {**options.get("transformer_options", {}), **values}
     return {**extra_args, "model_options": options}
 
 
@@ -20,10 +21,10 @@ def _with_unedited(extra_args: dict, mode: str) -> dict:
 def asyrp_sampler_function(model, x, sigmas, extra_args=None, callback=None, disable=None,
                            eta=0.0, boost_start_percent=1.0):
     """The host-facing sampler: ``model(x, sigma, **extra_args)`` returns x0 as in k-diffusion."""
-    extra_args = {} if extra_args is None else extra_args
+    extra_args = _with_options({} if extra_args is None else extra_args, **{host.SAMPLER: host.ASYRP})
     edits = edits_on(extra_args.get("model_options", {}))
-    sampling = model.inner_model.model_patcher.get_model_object("model_sampling")
-    flow = isinstance(sampling, comfy.model_sampling.CONST)
+    sampling = host.model_sampling(model.inner_model.model_patcher)
+    flow = host.is_flow(sampling)
     if eta and flow:
         raise ValueError("boost_eta: noise boosting needs a noise-prediction model; flow-matching models "
                          "(SD3, Flux) take boost_eta 0")
@@ -34,15 +35,15 @@ def asyrp_sampler_function(model, x, sigmas, extra_args=None, callback=None, dis
     def denoise_pair(latent, sigma):
         if extra_args.get("denoise_mask") is not None:  # the host's inpainting blend needs the batch as it is
             return denoise(latent, sigma), model(latent, sigma * latent.new_ones([latent.shape[0]]),
-                                                 **_with_unedited(extra_args, "all"))
+                                                 **_with_options(extra_args, **{host.UNEDITED: "all"}))
         doubled = torch.cat([latent, latent])
-        both = model(doubled, sigma * doubled.new_ones([doubled.shape[0]]), **_with_unedited(extra_args, "copies"))
+        both = model(doubled, sigma * doubled.new_ones([doubled.shape[0]]), **_with_options(extra_args, **{host.UNEDITED: "copies"}))
         return both.chunk(2)
 
     noise_sampler = comfy.k_diffusion.sampling.default_noise_sampler(x, seed=extra_args.get("seed"))
     return sample_asyrp(denoise, denoise_pair, x, sigmas, lambda s: any(e.active_at(s) for e in edits),
                         eta=eta, boost_below=sampling.percent_to_sigma(boost_start_percent),
-                        noise_sampler=noise_sampler, callback=callback, flow=flow)
+                        noise_sampler=noise_sampler, callback=callback, flow=flow, split=host.ancestral_split)
 
 
 class AsyrpSampler:
@@ -67,6 +68,8 @@ class AsyrpSampler:
         }}
 
     def get_sampler(self, boost_eta, boost_start_percent):
+        finite("boost_eta", boost_eta)
+        finite("boost_start_percent", boost_start_percent)
         return (comfy.samplers.KSAMPLER(asyrp_sampler_function, extra_options={
             "eta": boost_eta, "boost_start_percent": boost_start_percent}),)
 

@@ -7,9 +7,9 @@ import comfy.model_management
 import comfy.utils
 
 from ..directions.attention import METHODS, attention_directions
-from ..directions.directionset import DirectionSet, SiteDirections, model_fingerprint
-from . import unet
-from .common import CATEGORY, DIRECTIONS
+from ..directions.directionset import DirectionSet, SiteDirections
+from . import host
+from .common import CATEGORY, DIRECTIONS, finite
 from .plots import gain_spectrum_image
 
 _CACHE_PER_MODEL = 8
@@ -22,7 +22,7 @@ class DiscoverAttentionEigendirections:
         "no images, no training. For each layer, the unit shifts of its input that move its output "
         "most (top right singular vectors of the layer's combined query-key-value matrix), strongest "
         "first, with their gains. LoRAs on the MODEL are taken into account; weights are never changed. "
-        f"Supports {unet.SUPPORTED_FAMILIES}.")
+        f"Supports {host.SUPPORTED_FAMILIES}.")
     CATEGORY = CATEGORY
     FUNCTION = "discover"
     RETURN_TYPES = (DIRECTIONS, "IMAGE")
@@ -48,9 +48,10 @@ class DiscoverAttentionEigendirections:
         }}
 
     def discover(self, model, layers, count, method, token_variance):
-        modules = unet.attention_layers(model)
-        chosen = unet.select_layers(list(modules), layers)
-        widths = unet.layer_widths(modules)
+        finite("token_variance", token_variance)
+        modules = host.attention_layers(model)
+        chosen = host.select_layers(list(modules), layers)
+        widths = host.layer_widths(modules)
         too_wide = [p for p in chosen if count > widths[p]]
         if too_wide:
             raise ValueError(f"count: {count} is more than the width of {too_wide[0]} "
@@ -60,7 +61,7 @@ class DiscoverAttentionEigendirections:
                   "token_variance": token_variance}
         key = (model.patches_uuid, params["layers"], count, method, token_variance, str(device))
         cache = _results.setdefault(model.model, {})
-        dset = cache.pop(key, None) or self._compute(model, modules, chosen, device, params, widths)
+        dset = cache.pop(key, None) or self._compute(model, modules, chosen, device, params)
         cache[key] = dset  # most recently used last
         while len(cache) > _CACHE_PER_MODEL:
             cache.pop(next(iter(cache)))
@@ -68,22 +69,20 @@ class DiscoverAttentionEigendirections:
         return (dset, spectrum)
 
     @staticmethod
-    def _compute(model, modules, chosen, device, params, widths) -> DirectionSet:
+    def _compute(model, modules, chosen, device, params) -> DirectionSet:
         key_patches = model.get_key_patches("diffusion_model.")
         progress = comfy.utils.ProgressBar(len(chosen))
         sites = {}
         for path in chosen:
             comfy.model_management.throw_exception_if_processing_interrupted()
             with torch.no_grad():
-                weights = unet.read_attention_weights(model, key_patches, path, modules[path].heads, device)
+                weights = host.read_attention_weights(model, key_patches, path, modules[path].heads, device)
                 vectors, gains = attention_directions(weights, params["count"], params["method"],
                                                       params["token_variance"])
             sites[path] = SiteDirections(vectors.float().cpu(), gains.float().cpu())
             progress.update(1)
-        name = unet.family(model)
-        fingerprint = model_fingerprint(name, widths)
         return DirectionSet(sites=sites, method=f"attention-{params['method']}", params=params,
-                            model={"family": name, "fingerprint": fingerprint})
+                            model=host.made_for(model))
 
 
 NODE_CLASS_MAPPINGS = {"DiscoverAttentionEigendirections": DiscoverAttentionEigendirections}

@@ -4,7 +4,7 @@ import os
 import folder_paths
 
 from ..directions.directionset import describe
-from ..directions.fileformat import SUFFIX, load_directions, safe_file_path, save_directions
+from ..directions.fileformat import SUFFIX, DirectionFileError, load_directions, safe_file_path, save_directions
 from .common import CATEGORY, DIRECTIONS, FOLDER, directions_folder
 
 
@@ -29,7 +29,10 @@ class SaveDirections:
 
     def save(self, directions, filename, overwrite):
         folder = directions_folder()
-        path = save_directions(directions, safe_file_path(folder, filename), overwrite=overwrite)
+        try:
+            path = save_directions(directions, safe_file_path(folder, filename), overwrite=overwrite)
+        except DirectionFileError as err:
+            raise DirectionFileError(f"filename: {err}") from None
         name = os.path.relpath(path, os.path.realpath(folder)).replace(os.sep, "/")
         return {"ui": {"text": [name]}}
 
@@ -61,8 +64,11 @@ class LoadDirections:
     def load(self, file):
         path = folder_paths.get_full_path(FOLDER, file)
         if path is None:
-            raise FileNotFoundError(f"{file}: not found in models/directions")
-        dset = load_directions(path)
+            raise FileNotFoundError(f"file: {file} is not in models/directions; refresh the list")
+        try:
+            dset = load_directions(path)
+        except DirectionFileError as err:
+            raise DirectionFileError(f"file: {err}") from None
         return (dset, describe(dset))
 
 

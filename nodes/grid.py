@@ -1,5 +1,5 @@
 """Labelled Image Grid: a strength sweep's batch of images as one picture with its alphas written on it."""
-from .common import CATEGORY
+from .common import CATEGORY, finite_tensor
 from .plots import labelled_grid
 
 
@@ -23,6 +23,7 @@ class LabelledImageGrid:
     def grid(self, images, labels, columns):
         names = [part.strip() for part in labels.replace(";", ",").split(",")] if labels.strip() else \
             [str(i) for i in range(images.shape[0])]
+        finite_tensor("images", images, "images' pixels")
         if len(names) != images.shape[0]:
             raise ValueError(f"labels: {len(names)} labels for {images.shape[0]} images; give one per image")
         return (labelled_grid(images, names, columns),)

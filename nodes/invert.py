@@ -5,12 +5,12 @@ import math
 import torch
 
 import comfy.model_management
-import comfy.model_sampling
 import comfy.samplers
 import comfy.utils
 
 from ..directions.inversion import invert
-from .common import CATEGORY
+from . import host
+from .common import CATEGORY, finite, finite_tensor
 
 DEFAULT_REFINE = 2
 MAX_REFINE = 20
@@ -64,7 +64,7 @@ class InversionKSampler(comfy.samplers.KSAMPLER):
     """The host's KSAMPLER divides flow-model results by 1 - sigma; refuse a schedule that ends at 1."""
 
     def sample(self, model_wrap, sigmas, *args, **kwargs):
-        if isinstance(model_wrap.inner_model.model_sampling, comfy.model_sampling.CONST) and float(sigmas[-1]) >= 1:
+        if host.is_flow(model_wrap.inner_model.model_sampling) and float(sigmas[-1]) >= 1:
             raise ValueError("sigmas: this flow-matching schedule ends at sigma 1, where a SAMPLER's result is "
                              "undefined; use DDIM Invert and its noise output, or stop the schedule below 1")
         return super().sample(model_wrap, sigmas, *args, **kwargs)
@@ -106,20 +106,23 @@ class DDIMInvert:
 
     def invert(self, model, latent, steps, scheduler, cfg, refine, positive, negative=None):
         samples = latent["samples"]
-        if samples.ndim not in (4, 5):
-            raise ValueError(f"latent: expected a 4-D (or 5-D video) latent, got shape {list(samples.shape)}")
+        host.check_invertible(model)
+        host.check_latent_fits(model, samples, "latent")
         if samples.shape[0] == 0:
             raise ValueError("latent: the batch is empty")
+        finite_tensor("latent", samples, "latent's values")
+        host.check_conditioning_fits(model, positive, "positive")
+        if negative is not None:
+            host.check_conditioning_fits(model, negative, "negative")
         if steps < 1:
             raise ValueError(f"steps: expected at least 1, got {steps}")
         if not 0 <= refine <= MAX_REFINE:
             raise ValueError(f"refine: expected 0 to {MAX_REFINE} fixed-point iterations per step, got {refine}")
-        if not 0 <= cfg <= MAX_CFG:
+        if not 0 <= finite("cfg", cfg) <= MAX_CFG:
             raise ValueError(f"cfg: expected 0 to {MAX_CFG} (1 inverts best), got {cfg}")
         if cfg > 1:
             logging.warning("DDIM Invert: cfg %.2f > 1; inversion drifts at high guidance, 1 reconstructs best", cfg)
-        sampling = model.get_model_object("model_sampling")
-        sigmas = comfy.samplers.calculate_sigmas(sampling, scheduler, steps).flip(0)
+        sigmas = comfy.samplers.calculate_sigmas(host.model_sampling(model), scheduler, steps).flip(0)
         guider = comfy.samplers.CFGGuider(model)
         guider.set_conds(positive, positive if negative is None else negative)
         guider.set_cfg(cfg)
@@ -172,7 +175,11 @@ class InvertedNoise:
         def start_from(noise):  # what the host's sampler starts from, as in KSAMPLER.sample
             return sampling.noise_scaling(sigma, noise, latent, max_denoise=at_max)
         offset = start_from(torch.zeros_like(latent))
-        return (self.start - offset) / (start_from(torch.ones_like(latent)) - offset)
+        slope = start_from(torch.ones_like(latent)) - offset
+        if not slope.ne(0).all():
+            raise ValueError("noise: this model's sampling does not start from noise, so no noise reaches the "
+                             "inverted latent; use a text-to-image model")
+        return (self.start - offset) / slope
 
 
 NODE_CLASS_MAPPINGS = {"DDIMInvert": DDIMInvert, "DDIMInversionSampler": DDIMInversionSampler}

@@ -3,11 +3,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .host import layer_group
+
 _GROUP_COLOURS = {"input": (52, 110, 235), "middle": (40, 170, 80), "output": (235, 120, 40)}
 
 
 def _group(site: str) -> str:
-    return next((g for g in _GROUP_COLOURS if site.startswith(g)), "input")
+    return layer_group(site) or "middle"
 
 
 def _line_chart(draw, box, lines, title, x_labels, x_title, y_range, y_ticks, y_format):

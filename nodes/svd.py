@@ -4,10 +4,9 @@ import torch
 import comfy.model_management
 import comfy.utils
 
-from ..directions.apply import parse_numbers
 from ..directions.svd import (AttributeWeights, channel_svd, check_latent, check_vector_count, scale_singular_value,
                               subspace_distance, transfer_attribute)
-from .common import CATEGORY
+from .common import CATEGORY, finite, parse_numbers
 from .plots import svd_analysis_image
 
 PROGRESS_EVERY = 10
@@ -63,7 +62,11 @@ class SVDLatentAttribute:
             if (i + 1) % PROGRESS_EVERY == 0 or i + 1 == iterations:
                 comfy.model_management.throw_exception_if_processing_interrupted()
                 progress.update_absolute(i + 1, iterations)
-        weights = AttributeWeights(target_weight, source_weight, target_values_weight, source_values_weight)
+        weights = AttributeWeights(finite("target_weight", target_weight), finite("source_weight", source_weight),
+                                   finite("target_values_weight", target_values_weight),
+                                   finite("source_values_weight", source_values_weight))
+        check_latent(source["samples"], "source")
+        check_latent(target["samples"], "target")
         edited = transfer_attribute(source["samples"].to(device), target["samples"].to(device), k, m, weights,
                                     iterations, seed, keep_rest, report)
         return ({**source, "samples": edited.to(comfy.model_management.intermediate_device())},)
@@ -93,7 +96,7 @@ class SVDLatentExplore:
         }}
 
     def explore(self, latent, index, channel, factor, factor_list=""):
-        factors = parse_numbers(factor_list, "factor_list") if factor_list.strip() else [factor]
+        factors = parse_numbers(factor_list, "factor_list") if factor_list.strip() else [finite("factor", factor)]
         samples = latent["samples"]
         check_latent(samples, "latent")
         scaled = torch.cat([scale_singular_value(samples, index, value, None if channel < 0 else channel)

@@ -1,12 +1,21 @@
-"""Library layer: the edit's arithmetic and the Asyrp step on plain tensors."""
+"""Library layer: the edit's arithmetic and the Asyrp step on plain tensors; and the host's batch layout."""
 import pytest
 import torch
 
-from semantic_directions.directions.apply import DirectionEdit, mask_to_tokens, parse_numbers, rms_token_norm, shift_feature_map
-from semantic_directions.directions.asyrp import ancestral_split, asyrp_step
+from semantic_directions.directions.apply import DirectionEdit, Rows, mask_to_tokens, rms_token_norm, shift_feature_map
+from semantic_directions.directions.asyrp import asyrp_step
+from semantic_directions.nodes.common import parse_numbers
+from semantic_directions.nodes.host import COND, UNCOND, UNEDITED, batch_rows
 
 SITE = "input_blocks.1.1.transformer_blocks.0.attn1"
-SIGMA = torch.tensor([5.0])
+
+
+def rows(count, images=None, edited=None, sigma=5.0):
+    """Rows of a batch where row r is image r % images, all edited, all at ``sigma``."""
+    images = images or count
+    edited = torch.ones(count, dtype=torch.bool) if edited is None else torch.tensor(edited)
+    return Rows(image=torch.arange(count) % images, edited=edited, sigma=torch.full((count,), float(sigma)),
+                images=images)
 
 
 def unit(width, seed=0):
@@ -14,43 +23,49 @@ def unit(width, seed=0):
 
 
 def test_parse_numbers():
-    assert parse_numbers("-2, -1,0 ,1,2.5") == [-2.0, -1.0, 0.0, 1.0, 2.5]
+    assert parse_numbers("-2, -1,0 ,1,2.5", "alpha_list") == [-2.0, -1.0, 0.0, 1.0, 2.5]
     with pytest.raises(ValueError, match="alpha_list: 'x' is not a number; expected comma-separated"):
-        parse_numbers("1,x")
-    with pytest.raises(ValueError, match="not finite"):
-        parse_numbers("1,inf")
+        parse_numbers("1,x", "alpha_list")
+    with pytest.raises(ValueError, match="factor_list: inf is not finite"):
+        parse_numbers("1,inf", "factor_list")
 
 
 def test_shift_has_the_documented_length_and_direction():
     tokens = torch.randn(2, 16, 8)
     direction = unit(8)
     edit = DirectionEdit({SITE: direction}, [0.25], 10.0, 0.0)
-    shifted = edit.shift(SITE, tokens, (4, 4), [0], SIGMA.repeat(2))
+    shifted = edit.shift(SITE, tokens, (4, 4), rows(2))
     delta = shifted - tokens
     expected = 0.25 * rms_token_norm(tokens)[:, None, None] * direction
     assert torch.allclose(delta, expected.expand_as(delta), atol=1e-6)
 
 
-def test_nothing_changes_outside_range_sites_passes_or_at_zero():
+def test_nothing_changes_outside_range_sites_unedited_rows_or_at_zero():
     tokens = torch.randn(4, 16, 8)
-    edit = DirectionEdit({SITE: unit(8)}, [1.0], 5.0, 1.0, passes=(0,))
-    assert edit.shift("middle_block.1.transformer_blocks.0.attn1", tokens, (4, 4), [0, 1], torch.tensor([3.0, 3.0])) is tokens
-    assert edit.shift(SITE, tokens, (4, 4), [0, 1], torch.tensor([6.0, 6.0])) is tokens
-    assert edit.shift(SITE, tokens, (4, 4), [1, 1], torch.tensor([3.0, 3.0])) is tokens  # uncond only
+    edit = DirectionEdit({SITE: unit(8)}, [1.0], 5.0, 1.0)
+    assert edit.shift("middle_block.1.transformer_blocks.0.attn1", tokens, (4, 4), rows(4, sigma=3.0)) is tokens
+    assert edit.shift(SITE, tokens, (4, 4), rows(4, sigma=6.0)) is tokens
+    assert edit.shift(SITE, tokens, (4, 4), rows(4, edited=[False] * 4, sigma=3.0)) is tokens
     zero = DirectionEdit({SITE: unit(8)}, [0.0], 5.0, 1.0)
-    assert zero.shift(SITE, tokens, (4, 4), [0, 1], torch.tensor([3.0, 3.0])) is tokens
-    shifted = edit.shift(SITE, tokens, (4, 4), [1, 0], torch.tensor([3.0, 3.0]))  # uncond chunk first
+    assert zero.shift(SITE, tokens, (4, 4), rows(4, sigma=3.0)) is tokens
+    shifted = edit.shift(SITE, tokens, (4, 4), rows(4, images=2, edited=[False, False, True, True], sigma=3.0))
     assert torch.equal(shifted[:2], tokens[:2]) and not torch.equal(shifted[2:], tokens[2:])
 
 
-def test_sweep_gives_image_i_alpha_i_in_every_chunk_and_asyrp_copies_stay_unedited():
-    edit = DirectionEdit({SITE: unit(8)}, [0.0, 1.0, -2.0], 10.0, 0.0)
-    strengths, image, images = edit.row_strengths(6, [0, 1], torch.tensor([1.0, 1.0, 1.0]))
-    assert strengths.tolist() == [0.0, 1.0, -2.0, 0.0, 1.0, -2.0] and images == 3
-    strengths, image, images = edit.row_strengths(12, [0, 1], torch.ones(6), unedited_copies=True)
-    assert strengths.tolist() == [0.0, 1.0, -2.0, 0, 0, 0] * 2 and image.tolist() == [0, 1, 2] * 4
-    with pytest.raises(ValueError, match="alpha_list: 3 values for a latent batch of 2 images"):
-        edit.row_strengths(4, [0, 1], torch.ones(2))
+def test_the_hosts_batch_layout():
+    """cond/uncond chunks in cond_or_uncond order, image i at row i of each chunk; the Asyrp sampler's
+    copies (each chunk's second half) and passes not chosen stay unedited; a sweep's alpha i goes to image i."""
+    options = {"cond_or_uncond": [UNCOND, COND], "sigmas": torch.tensor([2.0, 2.0, 2.0])}
+    layout = batch_rows(options, 6, passes=(COND,))
+    assert layout.image.tolist() == [0, 1, 2] * 2 and layout.images == 3
+    assert layout.edited.tolist() == [False] * 3 + [True] * 3 and layout.sigma.tolist() == [2.0] * 6
+    copies = batch_rows({**options, UNEDITED: "copies"}, 12, passes=(COND, UNCOND))
+    assert copies.images == 3 and copies.image.tolist() == [0, 1, 2] * 4
+    assert copies.edited.tolist() == [True] * 3 + [False] * 3 + [True] * 3 + [False] * 3
+    sweep = DirectionEdit({SITE: unit(8)}, [0.0, 1.0, -2.0], 10.0, 0.0)
+    assert sweep.strengths(copies).tolist() == [0.0, 1.0, -2.0, 0, 0, 0] * 2
+    with pytest.raises(ValueError, match="3 strengths or masks for a batch of 2 images"):
+        sweep.strengths(rows(4, images=2))
 
 
 def test_mask_leaves_tokens_outside_exactly_unchanged():
@@ -60,20 +75,20 @@ def test_mask_leaves_tokens_outside_exactly_unchanged():
     assert (weights[:, :3] == 1).all() and (weights[:, 3] > 0).all() and (weights[:, 4:] == 0).all()
     tokens = torch.randn(2, 64, 8)
     edit = DirectionEdit({SITE: unit(8)}, [1.0], 10.0, 0.0, mask=mask)
-    shifted = edit.shift(SITE, tokens, (8, 8), [0], SIGMA.repeat(2)).reshape(2, 8, 8, 8)
+    shifted = edit.shift(SITE, tokens, (8, 8), rows(2)).reshape(2, 8, 8, 8)
     assert torch.equal(shifted[:, :, 4:], tokens.reshape(2, 8, 8, 8)[:, :, 4:])
     assert not torch.equal(shifted[:, :, :3], tokens.reshape(2, 8, 8, 8)[:, :, :3])
     two_masks = DirectionEdit({SITE: unit(8)}, [1.0], 10.0, 0.0, mask=mask.repeat(2, 1, 1))
-    with pytest.raises(ValueError, match="mask: 2 masks for a latent batch of 3 images"):
-        two_masks.shift(SITE, torch.randn(3, 64, 8), (8, 8), [0], SIGMA.repeat(3))
+    with pytest.raises(ValueError, match="1 strengths or masks for a batch of 3 images"):
+        two_masks.shift(SITE, torch.randn(3, 64, 8), (8, 8), rows(3))
 
 
 def test_feature_map_edit_is_the_token_edit():
     h = torch.randn(2, 8, 4, 4)
     edit = DirectionEdit({"h_space": unit(8)}, [0.5], 10.0, 0.0)
-    shifted = shift_feature_map(edit, "h_space", h, [0], SIGMA.repeat(2))
+    shifted = shift_feature_map(edit, "h_space", h, rows(2))
     tokens = h.flatten(2).transpose(1, 2)
-    expected = edit.shift("h_space", tokens, (4, 4), [0], SIGMA.repeat(2)).transpose(1, 2).reshape(2, 8, 4, 4)
+    expected = edit.shift("h_space", tokens, (4, 4), rows(2)).transpose(1, 2).reshape(2, 8, 4, 4)
     assert torch.allclose(shifted, expected)
 
 
@@ -84,9 +99,9 @@ def test_asyrp_step_formula_and_its_plain_ddim_limit():
     assert torch.allclose(stepped, x0_edit + sigma_next * (x - x0_orig) / sigma, atol=1e-6)
     euler = x + (x - x0_orig) / sigma * (sigma_next - sigma)  # the host's ddim (Euler) update
     assert torch.equal(asyrp_step(x, sigma, sigma_next, x0_orig, x0_orig), euler)
-    down, up = ancestral_split(3.0, 1.5, 1.0)
-    assert down ** 2 + up ** 2 == pytest.approx(1.5 ** 2) and up > 0
-    assert ancestral_split(3.0, 1.5, 0.0) == (1.5, 0.0)
+    down = torch.tensor(1.0)  # a step that stops early, leaving room for noise: x0 + down * eps_original
+    assert torch.allclose(asyrp_step(x, sigma, down, x0_edit, x0_orig), x0_edit + down * (x - x0_orig) / sigma,
+                          atol=1e-6)
 
 
 def test_one_scale_per_image_across_cond_and_uncond():
@@ -94,7 +109,7 @@ def test_one_scale_per_image_across_cond_and_uncond():
     tokens = torch.randn(2, 16, 8)
     tokens[1] *= 3  # the uncond pass's tokens are larger
     edit = DirectionEdit({SITE: unit(8)}, [0.5], 10.0, 0.0)
-    delta = edit.shift(SITE, tokens, (4, 4), [0, 1], SIGMA) - tokens
+    delta = edit.shift(SITE, tokens, (4, 4), rows(2, images=1)) - tokens
     assert torch.allclose(delta[0], delta[1])
     assert torch.allclose(delta[0, 0].norm(), 0.5 * rms_token_norm(tokens).mean(), rtol=1e-5)
 

@@ -7,6 +7,7 @@ import torch
 from directions_testing import FLOAT32_EPS, assert_float32_close, orthonormal
 from semantic_directions.directions.directionset import DirectionSet, SiteDirections
 from harness.host import NodeFailed
+from semantic_directions.nodes.host import block_key, made_for
 
 SITE_7 = "input_blocks.7.1.transformer_blocks.0.attn1"
 SITE_MID = "middle_block.1.transformer_blocks.0.attn1"
@@ -25,7 +26,7 @@ class Kit:
         self.model = build_unet("sd15", seed=0)
         self.directions = registry["DiscoverAttentionEigendirections"]().discover(self.model, "all", 4, "whitened", 1.0)[0]
         self.hspace = DirectionSet(sites={"h_space": SiteDirections(orthonormal(3, 128, 1))}, method="test",
-                                   model={"family": "SD15", "fingerprint": "-"})
+                                   model=made_for(self.model))
 
     def apply(self, model=None, directions=None, index=0, layer="all", alpha=0.5, start=0.0, end=1.0,
               apply_to="both", mask=None, alpha_list=""):
@@ -59,12 +60,8 @@ class Recorder:
     """Host attn1/output-block patches placed before and after the edit, recording what it changed."""
 
     def __init__(self, kit):
-        from_block = {}
-        for path in kit.directions.sites:
-            parts = path.split(".")
-            kind = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}[parts[0]]
-            from_block[(kind, 0 if kind == "middle" else int(parts[1]), int(path.split("transformer_blocks.")[1][0]))] = path
-        self.from_block, self.before, self.events = from_block, {}, []
+        self.from_block = {block_key(path): path for path in kit.directions.sites}
+        self.before, self.events = {}, []
 
     def __deepcopy__(self, memo):  # host clones copy model_options; the recorder must stay one object
         return self
@@ -212,10 +209,12 @@ def test_clone_isolation_fp16_and_lora_models(kit):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(directions="sdxl"), r"directions: input_blocks\.4\.1\.transformer_blocks\.0\.attn1 has width 64 "
-                              r"in this SD15 model but 640 in the set \(made for SDXL\)"),
+    (dict(directions="sdxl"), r"directions: made for SDXL but this model is SD15; use directions discovered"),
+    (dict(directions="wide"), r"directions: input_blocks\.4\.1\.transformer_blocks\.0\.attn1 has width 64 "
+                              r"in this SD15 model but 640 in the set"),
     (dict(directions="missing"), r"directions: input_blocks\.4\.1\.transformer_blocks\.1\.attn1 does not exist "
                                  r"in this SD15 model"),
+    (dict(directions="other widths"), r"directions: made for a SD15 model with other layer widths than this one"),
     (dict(index=4), r"index: 4 is out of range; this set has 4 directions per site \(0 to 3\)"),
     (dict(alpha=math.nan), "alpha: nan is not a finite number"),
     (dict(start=0.7, end=0.2), r"start_percent \(0.7\) is after end_percent \(0.2\)"),
@@ -224,11 +223,13 @@ def test_clone_isolation_fp16_and_lora_models(kit):
 ])
 def test_bad_inputs_get_one_line_errors(kit, change, message):
     foreign = {"sdxl": ("input_blocks.4.1.transformer_blocks.0.attn1", 640, "SDXL"),
-               "missing": ("input_blocks.4.1.transformer_blocks.1.attn1", 64, "SDXL")}
+               "wide": ("input_blocks.4.1.transformer_blocks.0.attn1", 640, "SD15"),
+               "missing": ("input_blocks.4.1.transformer_blocks.1.attn1", 64, "SD15"),
+               "other widths": ("input_blocks.4.1.transformer_blocks.0.attn1", 64, "SD15")}
     if "directions" in change:
         site, width, family = foreign[change["directions"]]
         change["directions"] = DirectionSet(sites={site: SiteDirections(orthonormal(2, width, 0))}, method="test",
-                                            model={"family": family, "fingerprint": "-"})
+                                            model={"family": family, "fingerprint": "0123456789abcdef"})
     with pytest.raises(ValueError, match=message) as err:
         kit.apply(**change)
     assert "\n" not in str(err.value)

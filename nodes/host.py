@@ -1,0 +1,215 @@
+"""Everything the pack reads from the host's internals, in one place, so a host change is a local change.
+
+A UNet's self-attention layers and their weights as a patcher sees them; the attention-layer path
+format; how the host lays out a model batch (cond/uncond chunks) and the keys its patches receive;
+its model sampling (sigma schedule, flow or not, noise scaling) and latent format; its ancestral step.
+"""
+import logging
+import re
+
+import torch
+
+import comfy.k_diffusion.sampling
+import comfy.lora
+import comfy.model_sampling
+
+from ..directions.apply import Rows
+from ..directions.attention import AttentionWeights
+from ..directions.directionset import model_fingerprint
+
+SUPPORTED_FAMILIES = "SD1.x, SD2.x, SDXL and other UNets of the same block structure"
+GROUPS = {"all": "", "input": "input_blocks", "middle": "middle_block", "output": "output_blocks"}
+_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+# The attention-layer path format, e.g. 'input_blocks.7.1.transformer_blocks.0.attn1': the UNet block,
+# the module inside it, and the transformer block's index.
+_ATTENTION_PATH = re.compile(r"^(?P<block>input_blocks\.\d+|middle_block|output_blocks\.\d+)\.\d+\."
+                             r"transformer_blocks\.(?P<index>\d+)\.attn1$")
+
+# The host's cond_or_uncond codes, and what Apply Direction's apply_to selects.
+COND, UNCOND = 0, 1
+PASSES = {"both": (COND, UNCOND), "cond": (COND,), "uncond": (UNCOND,)}
+# transformer_options keys the Asyrp sampler sets: UNEDITED is "copies" (each chunk's second half
+# runs unedited) or "all" (the whole call runs unedited); SAMPLER names the sampler for the patches.
+UNEDITED = "semantic_directions_unedited"
+SAMPLER = "semantic_directions_sampler"
+ASYRP = "asyrp"
+
+ancestral_split = comfy.k_diffusion.sampling.get_ancestral_step
+
+
+def family(patcher) -> str:
+    return type(patcher.model.model_config).__name__
+
+
+def attention_layers(patcher) -> dict:
+    """Every self-attention (attn1) module of the UNet by path, in the UNet's order."""
+    unet = getattr(patcher.model, "diffusion_model", None)
+    layers = {} if unet is None else {
+        name: module for name, module in unet.named_modules()
+        if name.endswith(".attn1") and all(hasattr(module, p.split(".")[0]) for p in _PROJECTIONS)
+        and hasattr(module, "heads")}
+    if not layers:
+        raise ValueError(f"model: no UNet self-attention layers found in this {family(patcher)} model; "
+                         f"attention eigendirections support {SUPPORTED_FAMILIES} (not Flux, SD3 or "
+                         f"other transformer-only models)")
+    return layers
+
+
+def layer_widths(layers: dict) -> dict:
+    return {name: module.to_q.weight.shape[1] for name, module in layers.items()}
+
+
+def select_layers(paths: list, spec: str, input_name: str = "layers") -> list:
+    """Layers named by comma-separated groups (all, input, middle, output), paths or path prefixes."""
+    chosen = set()
+    for item in (part.strip().rstrip(".") for part in (spec.strip() or "all").split(",")):
+        prefix = GROUPS.get(item, item)
+        matches = {p for p in paths if item == "all" or p == prefix or p.startswith(prefix + ".")}
+        if not item or not matches:
+            blocks = dict.fromkeys(block_of(p) for p in paths)
+            raise ValueError(f"{input_name}: {item!r} names none of the layers here; use groups "
+                             f"({', '.join(GROUPS)}), or paths or prefixes among: {', '.join(blocks)}")
+        chosen |= matches
+    return [p for p in paths if p in chosen]
+
+
+def read_attention_weights(patcher, key_patches: dict, path: str, heads: int, device) -> AttentionWeights:
+    """One layer's q, k, v and out weights in float32 on ``device``, with this patcher's patches merged.
+
+    ``key_patches`` is ``patcher.get_key_patches("diffusion_model.")``: the stored weight (the
+    original, even when another clone's LoRA is currently merged into the live module), its
+    dequantizing convert function, and this patcher's own patch list. Nothing is written back.
+    """
+    tensors = []
+    for projection in _PROJECTIONS:
+        key = f"diffusion_model.{path}.{projection}.weight"
+        (weight, convert), *patches = key_patches[key]
+        weight = convert(weight, inplace=False).to(device=device, dtype=torch.float32)
+        if patches:
+            weight = comfy.lora.calculate_weight(patches, weight.clone(), key)
+        tensors.append(weight)
+    return AttentionWeights(*tensors, heads=heads)
+
+
+def block_of(path: str) -> str:
+    """The UNet block an attention path lies in ('input_blocks.7', 'middle_block'); other sites as they are."""
+    match = _ATTENTION_PATH.match(path)
+    return match["block"] if match else path
+
+
+def layer_group(path: str) -> str | None:
+    """'input', 'middle' or 'output' for an attention path, else None."""
+    match = _ATTENTION_PATH.match(path)
+    return match["block"].split("_")[0] if match else None
+
+
+def block_key(path: str):
+    """The host's (block, block_index, transformer index) for an attn1 path, as its patches see them.
+
+    'input_blocks.7.1.transformer_blocks.0.attn1' -> ('input', 7, 0); the middle block is ('middle', 0, i).
+    """
+    match = _ATTENTION_PATH.match(path)
+    if match is None:
+        raise ValueError(f"directions: {path} is not an attention layer inside the UNet's input, middle or "
+                         f"output blocks")
+    kind, _, index = match["block"].partition(".")
+    return kind.removesuffix("_blocks").removesuffix("_block"), int(index or 0), int(match["index"])
+
+
+def hspace_width(patcher) -> int:
+    """Channels of the middle block's output (h-space)."""
+    middle = getattr(getattr(patcher.model, "diffusion_model", None), "middle_block", None)
+    if middle is None:
+        raise ValueError(f"model: this {family(patcher)} model has no UNet middle block, so no h-space; "
+                         f"h-space directions support {SUPPORTED_FAMILIES}")
+    return middle[-1].out_channels
+
+
+def made_for(patcher) -> dict:
+    """A direction set's ``model`` entry for sets made on this model."""
+    return {"family": family(patcher), "fingerprint": fingerprint(patcher)}
+
+
+def fingerprint(patcher) -> str:
+    """What a direction set records of its model: the family and every attention layer's width.
+
+    A fine-tune or a LoRA of a base model shares its fingerprint (the directions fit it); another
+    family, or the same family built with other widths, does not.
+    """
+    return model_fingerprint(family(patcher), layer_widths(attention_layers(patcher)))
+
+
+def batch_rows(options: dict, count: int, passes: tuple) -> Rows:
+    """The :class:`Rows` of a model batch of ``count`` rows from the options the host passes its patches.
+
+    The host stacks equal chunks in ``cond_or_uncond`` order; within a chunk, row i is image i. With
+    the Asyrp sampler's unedited copies, each chunk holds the images twice, the second copy unedited.
+    """
+    cond_or_uncond = options["cond_or_uncond"]
+    copies = options.get(UNEDITED) == "copies"
+    chunk = count // len(cond_or_uncond)
+    images = chunk // 2 if copies else chunk
+    within = torch.arange(count) % chunk
+    chosen = torch.tensor([code in passes for code in cond_or_uncond]).repeat_interleave(chunk)
+    sigmas = options["sigmas"].flatten().float().cpu()
+    return Rows(image=within % images, edited=chosen & ~(copies & (within >= images)),
+                sigma=sigmas[torch.arange(count) % sigmas.numel()], images=images)
+
+
+def has_batch_keys(options: dict, grid: bool = True) -> bool:
+    """The keys the host's batching sets; a model called some other way runs unedited."""
+    return "cond_or_uncond" in options and "sigmas" in options and (not grid or "activations_shape" in options)
+
+
+def model_sampling(patcher):
+    return patcher.get_model_object("model_sampling")
+
+
+def is_flow(sampling) -> bool:
+    """Flow matching (x = (1 - sigma) x0 + sigma noise: SD3, Flux) rather than x = x0 + sigma noise."""
+    return isinstance(sampling, comfy.model_sampling.CONST)
+
+
+# Model sampling types whose sampling starts from an image, not from noise: nothing to invert to.
+_IMAGE_STARTS = ("IMG_TO_IMG", "IMG_TO_IMG_FLOW", "IMG_TO_IMG_VELOCITY")
+
+
+def check_invertible(patcher) -> None:
+    """Refuse models whose sampling does not start from noise (img-to-img types), by name."""
+    sampling = model_sampling(patcher)
+    kinds = [cls.__name__ for cls in type(sampling).__mro__]
+    refused = next((kind for kind in kinds if kind in _IMAGE_STARTS), None)
+    if refused:
+        raise ValueError(f"model: its sampling type {refused} starts from an image, not from noise, so there is "
+                         f"no noise to invert to; use a text-to-image model")
+
+
+def check_latent_fits(patcher, samples: torch.Tensor, name: str) -> None:
+    """The latent's layout and channels must be the model's (image models: [batch, channels, H, W])."""
+    latent_format = patcher.get_model_object("latent_format")
+    dims, channels = getattr(latent_format, "latent_dimensions", 2), latent_format.latent_channels
+    expected = "[batch, channels, frames, height, width]" if dims == 3 else "[batch, channels, height, width]"
+    if samples.ndim != dims + 2:
+        raise ValueError(f"{name}: this {family(patcher)} model takes {dims + 2}-D latents {expected}, got shape "
+                         f"{list(samples.shape)}" + ("; video latents need a video model" if samples.ndim > 4 else ""))
+    if samples.shape[1] != channels:
+        raise ValueError(f"{name}: {samples.shape[1]} channels, but this {family(patcher)} model's latents have "
+                         f"{channels}; encode the image with this model's VAE")
+
+
+def check_conditioning_fits(patcher, conditioning, name: str) -> None:
+    """Every conditioning tensor must have the width of the model's cross-attention context."""
+    width = getattr(patcher.model.model_config, "unet_config", {}).get("context_dim")
+    for tensor, _ in conditioning:
+        if width is not None and tensor.shape[-1] != width:
+            raise ValueError(f"{name}: the conditioning is {tensor.shape[-1]} wide but this {family(patcher)} model "
+                             f"takes {width}; encode the prompt with the CLIP of this model's checkpoint")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{name}: the conditioning holds NaN or infinite values")
+
+
+def warn_once(key: str, message: str, _said=set()) -> None:
+    """Log ``message`` as a warning the first time ``key`` is seen in this process."""
+    if key not in _said:
+        _said.add(key)
+        logging.warning(message)
