@@ -4,6 +4,11 @@ VENV := .venv
 VPY := $(VENV)/bin/python
 # torch for the test environment only: the pack itself never installs or pins torch.
 TORCH := torch==2.14.1 torchvision==0.29.1
+# The newest front end, which the front-end tests run beside the host's pinned one: tests/test_front_end.py
+# (NEWEST_FRONTEND there names the same version) serves $(NEWEST_FRONTEND_DIR)/comfyui_frontend_package/static
+# with --front-end-root.
+NEWEST_FRONTEND := 1.58.1
+NEWEST_FRONTEND_DIR := .cache/frontend-$(NEWEST_FRONTEND)
 
 .PHONY: test env bench demo workflows clean
 
@@ -11,7 +16,7 @@ TORCH := torch==2.14.1 torchvision==0.29.1
 test: env
 	$(VPY) -m pytest
 
-env: $(VENV)/.ready
+env: $(VENV)/.ready $(NEWEST_FRONTEND_DIR)/.ready
 
 $(VENV)/.ready: requirements.txt requirements-test.txt harness/comfyui.py Makefile
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -20,6 +25,12 @@ $(VENV)/.ready: requirements.txt requirements-test.txt harness/comfyui.py Makefi
 	grep -vE '^(torch|torchvision|torchaudio)([<>=~!; ]|$$)' "$$(cat $(VENV)/host-path)/requirements.txt" \
 		> $(VENV)/host-requirements.txt
 	$(VPY) -m pip install --quiet -r $(VENV)/host-requirements.txt -r requirements.txt -r requirements-test.txt
+	touch $@
+
+$(NEWEST_FRONTEND_DIR)/.ready: | $(VENV)/.ready
+	rm -rf $(NEWEST_FRONTEND_DIR)
+	$(VPY) -m pip install --quiet --no-deps --target $(NEWEST_FRONTEND_DIR) comfyui-frontend-package==$(NEWEST_FRONTEND)
+	test -f $(NEWEST_FRONTEND_DIR)/comfyui_frontend_package/static/index.html
 	touch $@
 
 ## make demo: the pack's main job on the pinned host; CKPT=/path/model.safetensors for a real SD1.5 or SDXL model.

@@ -1,18 +1,21 @@
 """Attention eigendirections: editing directions from a self-attention layer's weights alone.
 
-DESIGN.md section 2. Shift every token of the layer's input (the LayerNorm output fed to q, k
-and v) by the same unit vector n. To first order, query token i's output moves by J_i n with
+docs/math.md, section 'Attention eigendirections'. Shift every token of the layer's input (the
+LayerNorm output fed to q, k and v) by the same unit vector n. To first order, query token i's
+output moves by J_i n with
 
     J_i = sum_h W_o[:, h] (W_v[h] + Cov_i(W_v[h] x, W_k[h] x) W_q[h] / sqrt(d_h)),
 
-Cov_i being the attention-weighted covariance of the tokens query i attends to. Under the seed's
-whitening assumption (token covariance s^2 I) every J_i equals
+Cov_i being the attention-weighted covariance of the tokens query i attends to. Under the
+whitened-token assumption of "Self-Attention Decomposition for Training Free Diffusion Editing"
+(arXiv 2510.22650), token covariance s^2 I, every J_i equals
 
     J = sum_h W_o[:, h] W_v[h] (I + c W_k[h]^T W_q[h]),   c = s^2 / sqrt(d_h),
 
 so |dO|^2 = N |J n|^2 and the most effective directions are the top right singular vectors of J.
 J is never formed for wide layers: it is applied to blocks of vectors in O(d * inner) and its top
-singular vectors come from subspace iteration, far cheaper than an eigendecomposition of J^T J.
+singular vectors come from randomized block Krylov iteration, far cheaper than an
+eigendecomposition of J^T J (docs/math.md, section 'Matrix-free top singular vectors').
 """
 import math
 from dataclasses import dataclass
@@ -118,7 +121,8 @@ def attention_directions(weights: AttentionWeights, count: int, method: str = "w
 def shift_jacobian(tokens: torch.Tensor, weights: AttentionWeights) -> torch.Tensor:
     """Exact first-order response [N, d_out, d]: how each output token moves per unit shift of all tokens.
 
-    The formula the whitened operator approximates, evaluated on real tokens [N, d] (DESIGN.md section 2).
+    The formula the whitened operator approximates, evaluated on real tokens [N, d]
+    (docs/math.md, section 'First-order response of a self-attention layer').
     """
     heads, scale = weights.heads, weights.head_width ** -0.5
     q, k, v = (rearrange(tokens @ w.T, "n (h e) -> h n e", h=heads) for w in (weights.q, weights.k, weights.v))

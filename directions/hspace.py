@@ -1,5 +1,8 @@
 """h-space principal directions: the channel directions along which the middle block's output varies
-most between images, at the same timestep (Asyrp's h-space, found without training)."""
+most between images, at the same timestep (Asyrp's h-space, found without training).
+
+Asyrp: Kwon, Jeong, Uh, "Diffusion Models Already Have a Semantic Latent Space" (arXiv 2210.10960).
+The computation: docs/math.md, section 'h-space principal directions'."""
 import torch
 
 from .attention import fix_signs

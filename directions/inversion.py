@@ -13,7 +13,7 @@ for x_hi. Plain DDIM inversion evaluates d at the point it knows (x_lo, sigma_lo
 next sigma), which is where its drift comes from; fixed-point refinement (as in ReNoise and AIDI)
 re-evaluates d at the current estimate of x_hi, each iteration shrinking the error by the
 contraction factor of that map, so a few iterations remove most of it. One step costs 1 + refine
-model evaluations.
+model evaluations. Derivation and contraction factor: docs/math.md, section 'DDIM inversion'.
 """
 import torch
 

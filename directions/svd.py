@@ -16,7 +16,8 @@ literal reading), and (s, s') predicted from (S_x, S_z) by a small MLP fitted to
     + w_target_values |s' - S_z[:m]|^2/|S_z[:m]|^2 + w_source_values |s - S_x[:k]|^2/|S_x[:k]|^2.
 
 y is linear in (s, s'), so the loss is a small quadratic in them, evaluated without touching the
-H x W latents in the loop; the MLP that parameterises them is the paper's choice.
+H x W latents in the loop; the MLP that parameterises them is the paper's choice. The full
+reading, losses and quadratic form: docs/math.md, section 'SVD latent attribute'.
 """
 import math
 from dataclasses import dataclass

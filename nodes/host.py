@@ -208,8 +208,11 @@ def check_conditioning_fits(patcher, conditioning, name: str) -> None:
             raise ValueError(f"{name}: the conditioning holds NaN or infinite values")
 
 
-def warn_once(key: str, message: str, _said=set()) -> None:
+WARNED = set()
+
+
+def warn_once(key: str, message: str) -> None:
     """Log ``message`` as a warning the first time ``key`` is seen in this process."""
-    if key not in _said:
-        _said.add(key)
+    if key not in WARNED:
+        WARNED.add(key)
         logging.warning(message)

@@ -1,3 +1,4 @@
+import contextlib
 import socket
 import subprocess
 import sys
@@ -29,18 +30,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture(scope="session")
-def server(tmp_path_factory):
-    """``main.py --cpu`` on a free port with the pack in custom_nodes and one direction file;
-    yields (url, base folder, log path). Every wait is bounded."""
-    from directions_testing import sample_set
-    from semantic_directions.directions.fileformat import save_directions
-    base = prepare_base(tmp_path_factory.mktemp("server-base"))
-    save_directions(sample_set(), base / "models" / "directions" / "seed.safetensors")
+@contextlib.contextmanager
+def running_server(base, *extra_args):
+    """``main.py --cpu`` on a free port over a prepared base, plus ``extra_args``; yields (url, log
+    path) and stops the server after. Every wait is bounded."""
     port, log_path = free_port(), base / "server.log"
     command = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port),
                "--base-directory", str(base), "--database-url", "sqlite:///:memory:",
-               "--disable-auto-launch"]
+               "--disable-auto-launch", *extra_args]
     with log_path.open("w") as log:
         process = subprocess.Popen(command, cwd=ensure_host(), stdout=log, stderr=subprocess.STDOUT,
                                    env=server_environment())
@@ -56,7 +53,7 @@ def server(tmp_path_factory):
                     break
             except requests.ConnectionError:
                 time.sleep(0.5)
-        yield url, base, log_path
+        yield url, log_path
     finally:
         process.terminate()
         try:
@@ -64,3 +61,33 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait(timeout=20)
+
+
+def server_base(tmp_path_factory):
+    """A fresh base folder for a server: the pack in custom_nodes and one direction file."""
+    from directions_testing import sample_set
+    from semantic_directions.directions.fileformat import save_directions
+    base = prepare_base(tmp_path_factory.mktemp("server-base"))
+    save_directions(sample_set(), base / "models" / "directions" / "seed.safetensors")
+    return base
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """``main.py --cpu`` on a free port with the pack in custom_nodes and one direction file;
+    yields (url, base folder, log path). Every wait is bounded."""
+    base = server_base(tmp_path_factory)
+    with running_server(base) as (url, log_path):
+        yield url, base, log_path
+
+
+@pytest.fixture(scope="session")
+def start_server(tmp_path_factory):
+    """Start another server like ``server`` with extra arguments (``--front-end-root DIR``):
+    ``with start_server(*args) as (url, base, log_path):``, on its own base folder."""
+    @contextlib.contextmanager
+    def start(*extra_args):
+        base = server_base(tmp_path_factory)
+        with running_server(base, *extra_args) as (url, log_path):
+            yield url, base, log_path
+    return start

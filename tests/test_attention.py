@@ -65,7 +65,8 @@ def test_whitened_top_direction_is_near_the_exact_optimum(host):
 
 
 def test_whitened_operator_is_the_formula_with_identity_covariance():
-    """J equals shift_jacobian's per-token matrix once Cov_i is replaced by s^2 I (DESIGN.md section 2)."""
+    """J equals shift_jacobian's per-token matrix once Cov_i is replaced by s^2 I
+    (docs/math.md, section 'The whitened-token assumption')."""
     weights = random_layer(24, 3, seed=5)
     apply, apply_t = shift_operator(weights, "whitened", token_variance=2.0)
     explicit = apply(torch.eye(24, dtype=torch.float64))

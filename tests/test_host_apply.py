@@ -336,3 +336,24 @@ def test_graph_errors_reach_the_user_in_one_line(host):
             "save": {"class_type": "SaveLatent", "inputs": {"samples": ["k", 0], "filename_prefix": "x"}},
         }, cached=False)
     assert "\n" not in err.value.message.strip()
+
+
+def test_directions_fit_a_fine_tune_of_the_same_base(kit):
+    """Same family and widths, other weights (a fine-tune): the set applies; the fingerprint matches."""
+    fine_tune = kit.build_unet("sd15", seed=7)
+    assert made_for(fine_tune) == made_for(kit.model)
+    edited = kit.sample(kit.apply(fine_tune, alpha=0.5), steps=2)
+    assert not torch.equal(edited, kit.sample(fine_tune, steps=2))
+
+
+def test_hspace_edit_without_asyrp_warns_once(kit, caplog):
+    from semantic_directions.nodes import host
+    host.WARNED.discard("h-space without Asyrp")
+    edited = kit.apply(directions=kit.hspace, alpha=0.5)
+    sigmas = kit.sigmas(kit.model, 2)
+    with caplog.at_level("WARNING"):
+        kit.sample_custom(edited, kit.asyrp_node.get_sampler(0.0, 1.0)[0], sigmas)
+        assert "Asyrp Sampler" not in caplog.text
+        kit.sample(edited, steps=2)
+        kit.sample(edited, steps=2)
+    assert caplog.text.count("an h-space edit is sampled without the Asyrp Sampler") == 1

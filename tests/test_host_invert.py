@@ -246,3 +246,30 @@ def test_graph_invert_edit_and_reconstruct(host, kit):
     assert psnr > 35  # against the VAE's own round trip, the best any inversion can do (measured 38.7 dB)
     edited = saved(host.run(graph(1.0), cached=False), "save")
     assert np.abs(edited - reference).max() > 10
+
+
+def test_img_to_img_flow_models_of_newer_hosts_are_refused_by_name(kit):
+    """Newer hosts add IMG_TO_IMG_FLOW, a flow type whose noise_scaling returns the image itself. Built here
+    the way those hosts build it (a mixin over the flow schedule), it is refused by name, and the noise
+    solve refuses any model whose sampling start ignores the noise instead of dividing by zero."""
+    import comfy.model_sampling
+
+    class IMG_TO_IMG_FLOW(comfy.model_sampling.CONST):  # noqa: N801  (the host's class name is the point)
+        def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
+            return latent_image
+
+    class Sampling(comfy.model_sampling.ModelSamplingDiscreteFlow, IMG_TO_IMG_FLOW):
+        pass
+
+    model = kit.model.clone()
+    model.add_object_patch("model_sampling", Sampling(model.model.model_config))
+    with pytest.raises(ValueError, match="model: its sampling type IMG_TO_IMG_FLOW starts from an image"):
+        kit.invert(model)
+    _, noise = kit.invert_node.invert(kit.model, kit.latent, 2, "normal", 1.0, 0, kit.conditioning())
+    original = noise.model.model_sampling
+    noise.model.model_sampling = Sampling(noise.model.model_config)
+    try:
+        with pytest.raises(ValueError, match="noise: this model's sampling does not start from noise"):
+            noise.generate_noise(kit.latent)
+    finally:
+        noise.model.model_sampling = original

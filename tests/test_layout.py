@@ -1,9 +1,15 @@
 """The pack's layout promises: a host-free library, relative imports, consistent metadata."""
 import ast
+import os
+import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from requirements-test.txt
+    import tomli as tomllib
 
 import pytest
 
@@ -82,3 +88,70 @@ def test_registry_security_checks_pass():
     result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "--select", "S102,S307,E702",
                              "--exclude", ".venv,.cache", str(REPO)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# Cited paths: a repository folder, then a file name with an extension. The lookbehind keeps out
+# URLs and paths inside other folders (``models/directions/x.safetensors``), and ``*`` or ``<``
+# (``workflows/*.json``, ``workflows/<name>.jpg``) stop a match, since those are patterns.
+CITED_FOLDERS = ("docs", "directions", "nodes", "harness", "scripts", "benchmarks", "world", "tests", "workflows")
+CITED_PATH = re.compile(r"(?<![\w./<>*-])((?:" + "|".join(CITED_FOLDERS) + r")/[\w./-]*\w\.\w+)")
+MATH_SECTION = re.compile(r"docs/math\.md, section '([^']+)'")
+MARKDOWN_LINK = re.compile(r"\]\(([^)\s]+)\)")
+CODE_FOLDERS = ("directions", "nodes", "harness", "scripts", "benchmarks", "world")
+
+
+def repository_texts():
+    """(path, text) of every .py and .md file of the repository outside hidden and generated folders."""
+    for folder, subfolders, files in os.walk(REPO):
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith(".") and d not in {"out", "__pycache__"})
+        for name in sorted(files):
+            if name.endswith((".py", ".md")):
+                path = Path(folder) / name
+                yield path, path.read_text(encoding="utf-8")
+
+
+def slug(heading: str) -> str:
+    """A heading's anchor as GitHub renders it: lower case, punctuation dropped, spaces to hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def headings(path: Path) -> list:
+    return [line.lstrip("#").strip() for line in path.read_text(encoding="utf-8").splitlines()
+            if line.startswith("#")]
+
+
+def test_cited_paths_and_math_sections_exist():
+    """Every repository path the code and docs name resolves, every section of docs/math.md cited by
+    its heading is a heading there, and every relative Markdown link (and its #anchor) is real."""
+    math_headings = headings(REPO / "docs" / "math.md")
+    broken = []
+    for path, text in repository_texts():
+        where = path.relative_to(REPO)
+        flat = " ".join(text.split())  # a citation may wrap across lines
+        broken += [(where, cited) for cited in CITED_PATH.findall(text) if not (REPO / cited).exists()]
+        broken += [(where, f"section {name!r}") for name in MATH_SECTION.findall(flat) if name not in math_headings]
+        if path.suffix == ".md":
+            for link in MARKDOWN_LINK.findall(text):
+                if re.match(r"[a-z]+:", link):
+                    continue
+                target, _, anchor = link.partition("#")
+                resolved = (path.parent / target) if target else path
+                if not resolved.exists() or (anchor and resolved.suffix == ".md"
+                                             and anchor not in map(slug, headings(resolved))):
+                    broken.append((where, link))
+    assert broken == []
+
+
+def test_math_doc_is_cited_from_the_library():
+    """The library points readers at its derivations (and the citation test above checks each one)."""
+    cited = {path.name for path, text in repository_texts()
+             if path.parent.name == "directions" and "docs/math.md" in text}
+    assert {"attention.py", "apply.py", "asyrp.py", "inversion.py", "svd.py", "hspace.py"} <= cited
+
+
+@pytest.mark.parametrize("folder", CODE_FOLDERS)
+def test_code_cites_nothing_outside_the_repository(folder):
+    """Design notes outside the repository are not something a reader has: code cites docs/math.md."""
+    offenders = [str(path.relative_to(REPO)) for path in sorted((REPO / folder).rglob("*.py"))
+                 if "design.md" in path.read_text(encoding="utf-8").lower()]
+    assert offenders == []
