@@ -11,6 +11,11 @@ from pathlib import Path
 
 import pytest
 import requests
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from semantic_directions.directions.fileformat import METADATA_KEY
 
 pytestmark = pytest.mark.server
 
@@ -200,9 +205,16 @@ CASES = {
         "SamplerCustom", model=["m", 0], add_noise=False, noise_seed=0, cfg=1.0, positive=["pos", 0],
         negative=["neg", 0], sampler=["is", 0], sigmas=["sig", 0], latent_image=["lat", 0])},
         failed(r"sigmas: inversion walks the schedule upward; put FlipSigmas")),
+    "inversion sampler flow schedule ending at 1": (
+        {"flow": node("ModelSamplingSD3", model=["m", 0], shift=3.0), "is": node("DDIMInversionSampler", refine=1),
+         **asyrp(model="flow")} | {"flip": node("FlipSigmas", sigmas=["sig", 0]), "c": node(
+             "SamplerCustom", model=["flow", 0], add_noise=False, noise_seed=0, cfg=1.0, positive=["pos", 0],
+             negative=["neg", 0], sampler=["is", 0], sigmas=["flip", 0], latent_image=["lat", 0])},
+        failed(r"sigmas: this flow-matching schedule ends at sigma 1")),
     # SVD Latent Attribute, Explore, Analysis
     "attribute sizes differ": ({**BIG_LATENT, **attribute(target="big")}, failed(r"target: shape \[1, 4, 16, 16\]")),
     "attribute k above rank": (attribute(k=100), failed(r"k: 100 is outside 0 to 8")),
+    "attribute m above rank": (attribute(m=9), failed(r"m: 9 is outside 0 to 8")),
     "attribute k too large": (attribute(k=5000), rejected("attr", "k")),
     "attribute target_weight nan": (attribute(target_weight=math.nan), failed(r"target_weight: nan is not a finite")),
     "attribute source_values_weight nan": (attribute(source_values_weight=math.nan),
@@ -247,6 +259,12 @@ CASES = {
                              **applied(directions=["ld", 0])}, rejected("ld", "file")),
     "load a damaged file": ({"ld": node("LoadDirections", file="damaged.safetensors"),
                              **applied(directions=["ld", 0])}, failed(r"file: damaged.safetensors: not a readable safetensors file")),
+    "load a foreign safetensors file": ({"ld": node("LoadDirections", file="foreign.safetensors"),
+                                         **applied(directions=["ld", 0])},
+                                        failed(r"file: foreign.safetensors: no 'semantic_directions' metadata")),
+    "load a file from a newer pack": ({"ld": node("LoadDirections", file="newer.safetensors"),
+                                       **applied(directions=["ld", 0])},
+                                      failed(r"file: newer.safetensors: written with format version 99, newer")),
     "load a pickle": ({"ld": node("LoadDirections", file="renamed.safetensors"), **applied(directions=["ld", 0])},
                       failed(r"file: renamed.safetensors: this is a PyTorch pickle")),
 }
@@ -264,6 +282,12 @@ def battery(server):
     folder = base / "models" / "directions"
     (folder / "damaged.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     (folder / "renamed.safetensors").write_bytes(b"\x80\x02}q\x00.")
+    save_file({"weight": torch.zeros(2)}, str(folder / "foreign.safetensors"), metadata={"format": "pt"})
+    newer = json.loads(safe_open(str(folder / "seed.safetensors"), "pt").metadata()[METADATA_KEY])
+    with safe_open(str(folder / "seed.safetensors"), "pt") as seed:
+        tensors = {key: seed.get_tensor(key) for key in seed.keys()}
+    save_file(tensors, str(folder / "newer.safetensors"),
+              metadata={METADATA_KEY: json.dumps({**newer, "format_version": 99})})
     return url, base, files_outside_writable(base)
 
 

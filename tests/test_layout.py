@@ -155,3 +155,25 @@ def test_code_cites_nothing_outside_the_repository(folder):
     offenders = [str(path.relative_to(REPO)) for path in sorted((REPO / folder).rglob("*.py"))
                  if "design.md" in path.read_text(encoding="utf-8").lower()]
     assert offenders == []
+
+
+def test_a_process_holds_one_copy_of_the_library(host):
+    """Tests, benchmarks and the demo import the very modules the host's nodes run (one DirectionSet class)."""
+    from semantic_directions.directions.directionset import DirectionSet
+    from harness.test_nodes.unets import build_unet
+    made = host.nodes.NODE_CLASS_MAPPINGS["DiscoverAttentionEigendirections"]().discover(
+        build_unet("sd15"), "input_blocks.1", 2, "value", 1.0)[0]
+    assert isinstance(made, DirectionSet)
+    library_files = [module for module in list(sys.modules.values()) if getattr(module, "__file__", None)
+                     and Path(module.__file__).resolve() == REPO / "directions" / "directionset.py"]
+    assert len({id(module) for module in library_files}) == 1
+    assert not any(name == "directions" or name.startswith("directions.") for name in sys.modules)
+
+
+def test_only_the_harness_changes_the_import_path():
+    """One documented place edits sys.path (harness/comfyui.py, to make the host importable)."""
+    edit = re.compile(r"^\s*sys\.path\.(insert|append|extend)\(|^\s*sys\.path\s*=", re.MULTILINE)
+    editing = sorted(str(path.relative_to(REPO)) for path in REPO.rglob("*.py")
+                     if not path.is_relative_to(REPO / ".venv") and not path.is_relative_to(REPO / ".cache")
+                     and edit.search(path.read_text(encoding="utf-8")))
+    assert editing == ["harness/comfyui.py"]
