@@ -7,7 +7,7 @@ import comfy.samplers
 from ..directions.asyrp import sample_asyrp
 from . import host
 from .apply import edits_on
-from .common import CATEGORY, finite
+from .common import CATEGORY, finite, finite_tensor
 
 
 def _with_options(extra_args: dict, **values) -> dict:
@@ -21,6 +21,7 @@ def _with_options(extra_args: dict, **values) -> dict:
 def asyrp_sampler_function(model, x, sigmas, extra_args=None, callback=None, disable=None,
                            eta=0.0, boost_start_percent=1.0):
     """The host-facing sampler: ``model(x, sigma, **extra_args)`` returns x0 as in k-diffusion."""
+    finite_tensor("latent_image", x, "latent's values")
     extra_args = _with_options({} if extra_args is None else extra_args, **{host.SAMPLER: host.ASYRP})
     edits = edits_on(extra_args.get("model_options", {}))
     sampling = host.model_sampling(model.inner_model.model_patcher)

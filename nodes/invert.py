@@ -22,6 +22,7 @@ def inversion_sampler_function(model, x, sigmas, extra_args=None, callback=None,
                                refine=DEFAULT_REFINE):
     """A k-diffusion-style sampler that walks ascending sigmas (FlipSigmas) upward: the inverse of ddim."""
     extra_args = {} if extra_args is None else extra_args
+    finite_tensor("latent_image", x, "latent's values")
     if len(sigmas) > 1 and sigmas[0] > sigmas[-1]:
         raise ValueError("sigmas: inversion walks the schedule upward; put FlipSigmas between the scheduler "
                          "and SamplerCustomAdvanced")

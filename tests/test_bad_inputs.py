@@ -169,6 +169,10 @@ CASES = {
     "asyrp eta on a flow model": ({"flow": node("ModelSamplingSD3", model=["m", 0], shift=3.0),
                                    **asyrp(model="flow", boost_eta=0.5)},
                                   failed(r"boost_eta: noise boosting needs a noise-prediction model")),
+    "asyrp nan latent": ({**NAN_LATENT, **asyrp()} | {"c": node(
+        "SamplerCustom", model=["m", 0], add_noise=False, noise_seed=0, cfg=1.0, positive=["pos", 0],
+        negative=["neg", 0], sampler=["s", 0], sigmas=["sig", 0], latent_image=["nan", 0])},
+        failed(r"latent_image: the latent's values hold NaN")),
     # DDIM Invert and the DDIM Inversion Sampler
     "invert nan latent": ({**NAN_LATENT, **inverted("nan")}, failed(r"latent: the latent's values hold NaN")),
     "invert video latent": ({**VIDEO_LATENT, **inverted("video")},
@@ -205,6 +209,11 @@ CASES = {
         "SamplerCustom", model=["m", 0], add_noise=False, noise_seed=0, cfg=1.0, positive=["pos", 0],
         negative=["neg", 0], sampler=["is", 0], sigmas=["sig", 0], latent_image=["lat", 0])},
         failed(r"sigmas: inversion walks the schedule upward; put FlipSigmas")),
+    "inversion sampler nan latent": ({**NAN_LATENT, "is": node("DDIMInversionSampler", refine=1), **asyrp()} | {
+        "flip": node("FlipSigmas", sigmas=["sig", 0]), "c": node(
+            "SamplerCustom", model=["m", 0], add_noise=False, noise_seed=0, cfg=1.0, positive=["pos", 0],
+            negative=["neg", 0], sampler=["is", 0], sigmas=["flip", 0], latent_image=["nan", 0])},
+        failed(r"latent_image: the latent's values hold NaN")),
     "inversion sampler flow schedule ending at 1": (
         {"flow": node("ModelSamplingSD3", model=["m", 0], shift=3.0), "is": node("DDIMInversionSampler", refine=1),
          **asyrp(model="flow")} | {"flip": node("FlipSigmas", sigmas=["sig", 0]), "c": node(
