@@ -164,10 +164,11 @@ def check_made_for(model, directions, sites) -> None:
     if made_for != here:
         raise ValueError(f"directions: made for {made_for} but this model is {here}; use directions discovered "
                          f"on this model (or one of its fine-tunes)")
+    widths = None
     for site in sites:
         kind, width = site_kind(site), directions.sites[site].width
         if kind == ATTN1:
-            widths = host.layer_widths(host.attention_layers(model))
+            widths = widths or host.layer_widths(host.attention_layers(model))
             found = widths.get(site)
         elif kind == HSPACE:
             found = host.hspace_width(model)
