@@ -37,14 +37,15 @@ FAMILIES = {"sd15": (comfy.supported_models.SD15, SD15_UNET, comfy.model_base.Ba
 
 
 def build_unet(family="sd15", model_channels=32, context_dim=32, num_heads=4, seed=0,
-               dtype=torch.float32, full_size=False, model_type="eps") -> comfy.model_patcher.ModelPatcher:
+               dtype=torch.float32, full_size=False, model_type="eps", depths=None) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher around the host's model class of the given family, weights drawn from ``seed``.
 
     ``full_size`` keeps the real widths, context and heads (for benchmarks). ``model_type``
     ('eps', 'v_prediction' or 'flow') picks the host's prediction type and sampling schedule.
+    ``depths`` replaces the family's block counts (num_res_blocks, channel_mult, transformer depths).
     """
     config_class, unet, model_class = FAMILIES[family]
-    unet = dict(unet, dtype=dtype)
+    unet = dict(unet, dtype=dtype, **(depths or {}))
     if not full_size:
         unet["model_channels"], unet["context_dim"] = model_channels, context_dim
         if unet["adm_in_channels"]:  # SDXL: CLIP-G's pooled vector (half the context) and 6 size embeddings
@@ -142,13 +143,32 @@ class _TextEncoder:
         self.params, self.clip, self.tokenizer = {}, clip, tokenizer
 
 
-def build_clip(family="sd15", seed=0) -> comfy.sd.CLIP:
+def build_clip(family="sd15", seed=0, full_size=False, dtype=torch.float32) -> comfy.sd.CLIP:
     """The family's CLIP text encoders and tokenizers at the tiny widths above, seeded weights.
 
-    The widths come in through the host's own per-encoder config overrides (``clip_l_model_config``).
+    The widths come in through the host's own per-encoder config overrides (``clip_l_model_config``);
+    ``full_size`` keeps the real ones (CLIP-L: 12 layers of 768, 123 M parameters).
     """
     clip_class, tokenizer, configs = TINY_CLIP[family]
-    clip = comfy.sd.CLIP(_TextEncoder(clip_class, tokenizer), model_options={**configs, "dtype": torch.float32})
+    options = {"dtype": dtype} if full_size else {**configs, "dtype": dtype}
+    clip = comfy.sd.CLIP(_TextEncoder(clip_class, tokenizer), model_options=options)
     model = clip.cond_stage_model
-    model.load_state_dict(seeded_weights(model, seed, torch.float32), strict=False)
+    model.load_state_dict(seeded_weights(model, seed, dtype), strict=False)
     return clip
+
+
+# SD1.5's widths (320 channels, context 768, 8 heads) in two levels of one res block and one transformer each:
+# the host reads block counts from the weights and matches the family on widths, so it detects SD1.5.
+SMALL_SD15_DEPTHS = {"num_res_blocks": [1, 1], "channel_mult": [1, 1], "transformer_depth": [1, 1],
+                     "transformer_depth_middle": 1, "transformer_depth_output": [1, 1, 1, 1]}
+
+
+def write_sd15_checkpoint(path, seed=0):
+    """A checkpoint file (fp16, seeded weights, about 340 MB) written by the host's own comfy.sd.save_checkpoint,
+    which CheckpointLoaderSimple loads as SD1.5 with MODEL, CLIP and VAE: the UNet of SMALL_SD15_DEPTHS,
+    CLIP-L at full size (the host builds SD1.5's text encoder from a fixed config, so every weight must be
+    there), and the TAESD-shaped VAE (recognised by its keys, 8x downscale, 4 channels)."""
+    unet = build_unet("sd15", seed=seed, dtype=torch.float16, full_size=True, depths=SMALL_SD15_DEPTHS)
+    comfy.sd.save_checkpoint(str(path), unet, build_clip("sd15", seed, full_size=True, dtype=torch.float16),
+                             build_vae(seed))
+    return path
