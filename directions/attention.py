@@ -26,7 +26,7 @@ from einops import rearrange
 METHODS = ("whitened", "value", "qkv-stack")
 EXACT_SVD_MAX_WIDTH = 256
 OVERSAMPLE = 6  # extra vectors in each Krylov block beyond the directions asked for
-RESIDUAL_TOLERANCE = 2e-3  # Ritz residual over Ritz value: gains within 0.1%
+RESIDUAL_TOLERANCE = 5e-3  # Ritz residual over Ritz value: gains within 0.25%
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
 import contextlib
+import os
 import socket
 import subprocess
 import sys
@@ -14,7 +15,15 @@ SERVER_START_TIMEOUT_S = 180
 
 
 def pytest_configure(config):
-    """The host first: it loads the pack, which test modules then import as ``semantic_directions``."""
+    """One torch thread unless OMP_NUM_THREADS says otherwise; then the host, first: it loads the pack,
+    which test modules then import as ``semantic_directions``.
+
+    The tests' models are tiny: a second thread gains nothing on them, and where other processes keep
+    the cores busy every op waits for it to be scheduled (on 2 loaded cores the tiny UNet took 0.05 s a
+    call on 1 thread and 0.9 to 1.4 s on 2, so a workflow test took 230 s instead of 9)."""
+    if "OMP_NUM_THREADS" not in os.environ:
+        import torch
+        torch.set_num_threads(1)
     shared_host()
 
 
@@ -40,7 +49,7 @@ def running_server(base, *extra_args):
                "--disable-auto-launch", *extra_args]
     with log_path.open("w") as log:
         process = subprocess.Popen(command, cwd=ensure_host(), stdout=log, stderr=subprocess.STDOUT,
-                                   env=server_environment())
+                                   env={"OMP_NUM_THREADS": "1", **server_environment()})  # as pytest_configure
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + SERVER_START_TIMEOUT_S

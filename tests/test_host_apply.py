@@ -109,6 +109,7 @@ def between_steps(kit, steps):
 
 
 def test_alpha_zero_or_a_range_with_no_step_is_bit_identical(kit):
+    """Bit-identical is safe here: both sides run the same kernels on the same shapes in this process."""
     reference = kit.sample(kit.model, steps=4, cfg=3.0)
     assert torch.equal(kit.sample(kit.apply(alpha=0.0), steps=4, cfg=3.0), reference)
     start, end = between_steps(kit, 4)
@@ -146,7 +147,8 @@ def test_small_edits_are_linear_and_add(kit):
     assert nonlinearity(1e-3) < 0.02
     assert nonlinearity(1e-3) < nonlinearity(1e-2) / 5  # the error is the second-order term
     small = change(alpha=1e-3)
-    assert (change(alpha=-1e-3) + small).norm() / small.norm() < 0.02
+    # what is left of f(a) + f(-a) is the second-order term, twice the nonlinearity above (0.019 when measured)
+    assert (change(alpha=-1e-3) + small).norm() / small.norm() < 0.04
     other = change(alpha=1e-3, index=1)
     chained = change(kit.apply(kit.apply(alpha=1e-3), alpha=1e-3, index=1))
     assert (chained - small - other).norm() / (small + other).norm() < 0.02
@@ -175,6 +177,7 @@ def test_sweep_renders_one_alpha_per_image(kit):
     assert event["changed"] == [False, True, True]
     direction = kit.directions.sites[event["site"]].vectors[0]
     per_image = event["delta"].mean(dim=1)
+    # each delta rounds at its tokens' scale, a few times its norm: errors near 1e-7 (measured: 9e-8)
     assert torch.allclose(per_image[1] / per_image[1].norm(), direction, atol=1e-5)
     assert torch.allclose(per_image[2] / per_image[2].norm(), -direction, atol=1e-5)
     with pytest.raises(ValueError, match="alpha_list: 3 values for a latent batch of 2 images"):
@@ -188,6 +191,7 @@ def test_hspace_edit_changes_only_the_middle_output(kit):
     fired = {e["site"] for e in recorder.events if any(e["changed"])}
     assert fired == {"h_space"}
     delta = next(e for e in recorder.events if e["site"] == "h_space")["delta"][0]  # [C, H, W]
+    # the delta is 0.3 times h's norm and rounds at h's scale: errors near 4e-7 at most (measured: 2e-8)
     assert torch.allclose(delta.mean(dim=(1, 2)) / delta.mean(dim=(1, 2)).norm(), kit.hspace.sites["h_space"].vectors[0],
                           atol=1e-5)
 

@@ -13,6 +13,7 @@ def test_planted_directions_come_back_in_order_of_spread_despite_a_drift_over_ti
     amounts = torch.randn(timesteps, samples, 2, generator=generator) * torch.tensor([3.0, 1.5])
     features = drift + amounts @ planted + 0.05 * torch.randn(timesteps, samples, 64, generator=generator)
     vectors, spread = principal_directions(features, 3)
+    # computed in float64 and rounded to float32 once: unit to about 1e-7
     assert vectors.shape == (3, 64) and torch.allclose(vectors.norm(dim=1), torch.ones(3), atol=1e-5)
     assert abs(float(vectors[0] @ planted[0])) > 0.999 and abs(float(vectors[1] @ planted[1])) > 0.999
     assert spread[0] == pytest.approx(3.0, rel=0.05) and spread[1] == pytest.approx(1.5, rel=0.05)

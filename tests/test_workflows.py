@@ -11,11 +11,17 @@ from scripts.workflow_format import to_api
 
 TINY_CHECKPOINT = ("TinyCheckpointLoader", {"seed": 0})
 TINY_SIZE = 128  # pixels: a 16 x 16 latent, as many singular vectors as the SVD workflow takes
+# Every step count a third of the workflow's, start and end steps alike (the SVD workflow's 12, 6 and 18 of 30
+# become 4, 2 and 6 of 10; DDIM Invert and its sampling back keep equal counts): the graphs are under test here.
+STEP_DIVISOR = 3
+STEPPED = {"KSampler", "KSamplerAdvanced", "BasicScheduler", "DDIMInvert"}
+TO_THE_END = 10000  # end_at_step's "to the last step"
 
 
 def tiny_prompt(workflow: dict, registry) -> dict:
-    """The workflow in API format with the tiny checkpoint of the same family substituted for checkpoint loading and
-    empty latents shrunk to TINY_SIZE (image loading reads the tiny photo write_photo puts in input/)."""
+    """The workflow in API format with the tiny checkpoint of the same family substituted for checkpoint loading,
+    empty latents shrunk to TINY_SIZE and steps divided by STEP_DIVISOR (image loading reads the tiny photo
+    write_photo puts in input/)."""
     prompt = to_api(workflow, registry)
     for node in prompt.values():
         if node["class_type"] == "CheckpointLoaderSimple":
@@ -23,6 +29,12 @@ def tiny_prompt(workflow: dict, registry) -> dict:
             node["class_type"], node["inputs"] = TINY_CHECKPOINT[0], dict(TINY_CHECKPOINT[1], family=family)
         if node["class_type"] == "EmptyLatentImage":
             node["inputs"].update(width=TINY_SIZE, height=TINY_SIZE)
+        if node["class_type"] in STEPPED:
+            inputs = node["inputs"]
+            inputs["steps"] = max(1, round(inputs["steps"] / STEP_DIVISOR))
+            for name in ("start_at_step", "end_at_step"):
+                if name in inputs and inputs[name] < TO_THE_END:
+                    inputs[name] = round(inputs[name] / STEP_DIVISOR)
     return prompt
 
 
