@@ -286,8 +286,13 @@ def files_outside_writable(base: Path) -> set:
 
 
 @pytest.fixture(scope="module")
-def battery(server):
-    url, base, _ = server
+def battery(start_server):
+    """A server of its own (the files it adds stay out of the shared server's folder)."""
+    with start_server() as (url, base, _):
+        yield prepared(url, base)
+
+
+def prepared(url, base):
     folder = base / "models" / "directions"
     (folder / "damaged.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all")
     (folder / "renamed.safetensors").write_bytes(b"\x80\x02}q\x00.")

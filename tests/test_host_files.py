@@ -82,7 +82,7 @@ def test_damaged_file_gets_a_one_line_error(host, directions_dir):
     path.write_bytes(path.read_bytes()[:-64])
     with pytest.raises(NodeFailed) as err:
         host.run(save_loaded_directions("damaged.safetensors", "never"), cached=False)
-    assert err.value.message.startswith("damaged.safetensors: ")
+    assert err.value.message.startswith("file: damaged.safetensors: ")
     assert "\n" not in err.value.message.strip()
 
 

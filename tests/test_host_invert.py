@@ -175,7 +175,7 @@ def test_noise_output_starts_sampling_at_the_inverted_latent(kit):
 
 
 def test_bad_inputs(kit):
-    with pytest.raises(ValueError, match=r"latent: expected a 4-D \(or 5-D video\) latent, got shape \[4, 8, 8\]"):
+    with pytest.raises(ValueError, match=r"latent: this SD15 model takes 4-D latents \[batch, channels, height, width\], got shape \[4, 8, 8\]"):
         kit.invert(latent={"samples": torch.zeros(4, 8, 8)})
     with pytest.raises(ValueError, match="latent: the batch is empty"):
         kit.invert(latent={"samples": torch.zeros(0, 4, 8, 8)})
