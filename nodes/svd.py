@@ -65,8 +65,6 @@ class SVDLatentAttribute:
         weights = AttributeWeights(finite("target_weight", target_weight), finite("source_weight", source_weight),
                                    finite("target_values_weight", target_values_weight),
                                    finite("source_values_weight", source_values_weight))
-        check_latent(source["samples"], "source")
-        check_latent(target["samples"], "target")
         edited = transfer_attribute(source["samples"].to(device), target["samples"].to(device), k, m, weights,
                                     iterations, seed, keep_rest, report)
         return ({**source, "samples": edited.to(comfy.model_management.intermediate_device())},)
