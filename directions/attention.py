@@ -97,22 +97,23 @@ def top_right_singular(apply, apply_t, width: int, count: int, like: torch.Tenso
         return _exact(apply, width, count, device, dtype)
     start = torch.randn(width, block, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
     basis = torch.linalg.qr(start).Q
-    image = apply(basis)
+    products = apply_t(apply(basis))  # A^T A basis, a block at a time: the only operator products made
     while True:
-        grown = apply_t(image[:, -block:])
-        for _ in range(2):  # twice is enough (Giraud et al.): the new block orthogonal to the basis in float32
-            grown = grown - basis @ (basis.T @ grown)
-        new = torch.linalg.qr(grown).Q
-        basis, image = torch.cat([basis, new], dim=1), torch.cat([image, apply(new)], dim=1)
-        gram_values, gram_vectors = torch.linalg.eigh((image.T @ image).double())
+        gram = (basis.T @ products).double()
+        gram_values, gram_vectors = torch.linalg.eigh((gram + gram.T) / 2)
         values = gram_values.flip(0)[:count].clamp(min=0)
         coefficients = gram_vectors.flip(1)[:, :count].to(dtype)
         ritz = basis @ coefficients
-        residual = apply_t(image @ coefficients) - ritz * values.to(dtype)
+        residual = products @ coefficients - ritz * values.to(dtype)
         if (residual.norm(dim=0).double() <= tolerance * values).all():
             return fix_signs(ritz.T), values.sqrt().to(dtype)
         if basis.shape[1] + block > width // 2:
             return _exact(apply, width, count, device, dtype)
+        grown = products[:, -block:]
+        for _ in range(2):  # twice is enough (Giraud et al.): the new block orthogonal to the basis in float32
+            grown = grown - basis @ (basis.T @ grown)
+        new = torch.linalg.qr(grown).Q
+        basis, products = torch.cat([basis, new], dim=1), torch.cat([products, apply_t(apply(new))], dim=1)
 
 
 def _exact(apply, width: int, count: int, device, dtype):
