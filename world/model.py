@@ -1,15 +1,16 @@
 """The faces world's diffusion model: a small UNet of the host's own classes with SD's block structure
-(self-attention in the encoder, middle and decoder), eps-prediction on the host's default discrete
-schedule, in pixel space (3 channels; the host's identity VAE, a state dict holding only
+(self-attention in the encoder, middle and decoder), v-prediction (the weights' metadata says which;
+the first model predicted eps) on the host's default discrete schedule, in pixel space (3 channels; the host's identity VAE, a state dict holding only
 ``pixel_space_vae``, maps images to [-1, 1] and back).
 
 Needs the host's modules importable (``comfy``), as inside ComfyUI or after ``harness.comfyui.make_importable()``.
 """
+import json
 import math
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 
 import comfy.latent_formats
 import comfy.model_base
@@ -49,10 +50,26 @@ class FacesConfig(comfy.supported_models.SD15):
     memory_usage_factor = 1.0
 
 
-def build_model(dtype=torch.float32) -> comfy.model_base.BaseModel:
+PREDICTIONS = {"eps": comfy.model_base.ModelType.EPS, "v": comfy.model_base.ModelType.V_PREDICTION}
+
+
+def build_model(dtype=torch.float32, prediction: str = "v") -> comfy.model_base.BaseModel:
+    """v-prediction by default: an eps-predicting network has to reproduce its input to within 1/sigma of the
+    image it implies at high noise, and its small errors there became the first model's tinted backgrounds."""
     config = FacesConfig(dict(UNET, dtype=dtype))
     config.set_inference_dtype(dtype, None)
-    return comfy.model_base.BaseModel(config, device=torch.device("cpu"))
+    return comfy.model_base.BaseModel(config, model_type=PREDICTIONS[prediction], device=torch.device("cpu"))
+
+
+def read_weights(path: Path) -> tuple[dict, str]:
+    """(the UNet's float32 state dict, what it predicts) from exported weights or a training checkpoint (its EMA);
+    files without a prediction field predict eps, as the first model did."""
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+        prediction = metadata.get("prediction") or json.loads(metadata.get("settings", "{}")).get("prediction", "eps")
+        prefix = "ema." if any(k.startswith("ema.") for k in f.keys()) else ""
+        weights = {k[len(prefix):]: f.get_tensor(k).float() for k in f.keys() if k.startswith(prefix)}
+    return weights, prediction
 
 
 def initialise(unet: torch.nn.Module, seed: int) -> None:
@@ -80,8 +97,9 @@ def load_patcher(path: Path = WEIGHTS) -> comfy.model_patcher.ModelPatcher:
     """The trained model as the host runs a checkpoint: a ModelPatcher on the host's devices."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; train and export it with python -m world.train --export")
-    model = build_model()
-    model.diffusion_model.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+    weights, prediction = read_weights(path)
+    model = build_model(prediction=prediction)
+    model.diffusion_model.load_state_dict(weights)
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())
 

@@ -1,5 +1,6 @@
-"""Trains the faces world's UNet (world/model.py) on world/faces.py images: eps-prediction on the
-host's default discrete schedule, Adam, an EMA of the weights. Deterministic for a seed (each step's
+"""Trains the faces world's UNet (world/model.py) on world/faces.py images on the host's default
+discrete schedule: v-prediction (or eps, the first model's), Adam, an EMA of the weights,
+optionally started from exported weights (--init). Deterministic for a seed (each step's
 batch, timesteps and noise come from the seed and the step number), and resumable: it saves a
 safetensors checkpoint every --every steps and continues from it when run again.
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from harness.comfyui import make_importable
 
@@ -42,6 +43,9 @@ def arguments():
     parser.add_argument("--images", type=int, default=20000, help="training images drawn from the world")
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--every", type=int, default=250, help="checkpoint every this many steps")
+    parser.add_argument("--prediction", choices=("v", "eps"), default="v", help="what the network predicts")
+    parser.add_argument("--init", default="", help="start from these exported weights (a file as --export writes)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--export", action="store_true", help="write the EMA weights to world/faces_unet.safetensors")
     return parser.parse_args()
 
@@ -79,13 +83,16 @@ def load_checkpoint(unet, ema, optimizer, settings):
 
 def main():
     args = arguments()
-    torch.set_num_threads(os.cpu_count() or 1)
-    settings = {**{k: getattr(args, k) for k in ("batch", "lr", "seed", "images", "ema")}, "unet": UNET}
+    torch.set_num_threads(args.threads)
+    settings = {**{k: getattr(args, k) for k in ("batch", "lr", "seed", "images", "ema", "prediction", "init")},
+                "unet": UNET}
     images, _ = dataset(args.images, args.seed, IMAGE_SIZE)
     data = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1).to(DEVICE)  # the identity VAE's [-1, 1]
-    model = build_model()
+    model = build_model(prediction=args.prediction)
     unet = model.diffusion_model
     initialise(unet, args.seed)
+    if args.init:
+        unet.load_state_dict({k: v.float() for k, v in load_file(args.init).items()})
     unet.to(DEVICE)
     unet.train()
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
@@ -103,7 +110,8 @@ def main():
         noise = torch.randn(x0.shape, generator=generator).to(DEVICE)
         keep = alphas_cumprod[t].reshape(-1, 1, 1, 1)
         noisy = keep.sqrt() * x0 + (1 - keep).sqrt() * noise
-        loss = torch.nn.functional.mse_loss(unet(noisy, timesteps=t.float(), context=context), noise)
+        target = noise if args.prediction == "eps" else keep.sqrt() * noise - (1 - keep).sqrt() * x0
+        loss = torch.nn.functional.mse_loss(unet(noisy, timesteps=t.float(), context=context), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -120,7 +128,7 @@ def main():
         if step % args.every == 0 or step == args.steps:
             save_checkpoint(unet, ema, optimizer, step, settings, losses)
     if args.export:
-        metadata = {"steps": str(step), "settings": json.dumps(settings), "unet": "world/model.py UNET",
+        metadata = {"steps": str(step), "prediction": args.prediction, "settings": json.dumps(settings), "unet": "world/model.py UNET",
                     "final_loss": str(sum(losses[-200:]) / max(len(losses[-200:]), 1))}
         save_file({k: v.half().contiguous().cpu() for k, v in ema.items()}, str(EXPORT), metadata=metadata)
         print(f"wrote {EXPORT} ({EXPORT.stat().st_size / 2 ** 20:.1f} MB)")
