@@ -1,27 +1,31 @@
 """Do the directions mean anything? Measured in the faces world (world/): a diffusion model trained
 on cartoon faces drawn from seven known factors, and a regressor that reads the factors back.
 
-Every direction is swept over the same alphas on the same seeds; alpha is the shift in units of
-the site's RMS token norm, so every direction perturbs by the same norm. Methods: attention
-eigendirections (whitened, value, qkv-stack) at every self-attention layer, sampled with ddim;
-h-space principal directions (one set, of the middle block's output averaged over positions,
-across samples with each timestep centred on its own mean), sampled with the pack's Asyrp Sampler,
-which h-space edits need; and, as the baseline of each family, random unit directions at the same
-sites, as many, with the same sampler. Per direction:
+Every direction is swept on the same seeds over alphas inside the linear regime (LINEAR_ALPHAS, finer
+for h-space; alpha is the shift in units of the site's RMS token norm, so every direction perturbs by the same
+norm), through the host's real nodes: attention eigendirections (whitened, value, qkv-stack) at
+every self-attention site, sampled with ddim; h-space principal directions, sampled with the pack's
+Asyrp Sampler (h-space edits need it); random unit directions at the same sites, as many, with the
+same sampler; and the site's ceiling: supervised directions from the gradient of each factor's
+reading through the whole sampling (``strongest``: the gradient; ``pure``: the gradient with the
+other factors' gradients projected out), measured like every other direction. Per direction, all
+seven factor slopes (least squares through alpha 0, per seed); its effect is the largest |slope|,
+its purity that factor's share of the summed |slope|, its preservation the PSNR outside the pixels
+the moved factor owns.
 
-- effect: the largest |slope| of one factor against alpha (factor units, each factor spans 0 to 1);
-- purity: that factor's share of the summed |slope| over all seven factors;
-- preservation: PSNR (dB, the mean over images) of the edited image against the alpha = 0 image,
-  outside the pixels the changed factor owns (the face drawn by the generator with and without
-  the change);
-- effect_on_inverted (best direction of each method): the same effect on held-out images of the
-  world inverted with DDIM Invert and sampled back edited;
-- per method, the largest and the median effect over those of the random directions at its sites.
-Once: inversion_psnr, the PSNR of invert -> reconstruct on those held-out images, and
-inversion_factor_error, how far the factors read from the reconstructions are from the originals'
-(mean absolute, factor units). Writes
-benchmarks/semantics.jpg, the best directions' sweeps. All on the host's real nodes.
+Per method: the best direction's effect over the best random direction's at the same site, the
+median effect over the random median at the method's sites (both with bootstrap 95% intervals over
+seeds), the best direction's purity and effect as fractions of its site's ceiling for its factor,
+the transfer to inverted held-out faces (DDIM Invert, sampled back edited: the slope of the same
+factor there over its slope on generated faces, all seven slopes reported), and the saturation
+curve of its factor out to four times the largest linear alpha. Per site, the same for every method, and the ceiling of each
+factor. The world model against its limit (world/quality.py): one-step x0 PSNR beside the oracle
+denoiser's, and its samples' redraw PSNR and noise. Writes benchmarks/semantics.jpg, each method's
+best direction swept out to four times the largest linear alpha.
+
+    .venv/bin/python -m benchmarks.bench_semantics --json [--quick]
 """
+import time
 from pathlib import Path
 
 import numpy as np
@@ -30,22 +34,44 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from benchmarks.common import arguments, report, start_host
+from benchmarks.measures import (bootstrap_interval, bootstrap_resamples, ceiling_directions, effect, purity,
+                                 seed_slopes)
+from world import quality
 from world.faces import FACTORS, SIZE as IMAGE_SIZE, dataset, render
 from world.regressor import load as load_regressor, to_input
 
-SEEDS, BASE_SEED, STEPS = 16, 1000, 20
-ALPHAS = (-2.0, -1.0, 1.0, 2.0)
-PER_SITE, HSPACE_COUNT, HSPACE_SAMPLES = 4, 8, 64
-HELD_OUT_SEED, HELD_OUT_IMAGES = 303, 8  # neither the model's nor the regressor's images
+STEPS, BASE_SEED = 20, 1000
+# Linear regime per site family. Attention: the README's useful range. h-space responds far more per unit of
+# its RMS norm: the central difference at +-0.05 is already 13% off the gradient there (third-order terms),
+# at +-0.01 within 1% (tests/test_measures.py), so it is swept five times finer.
+LINEAR_ALPHAS = {"attention": (-0.5, -0.25, -0.1, 0.1, 0.25, 0.5), "hspace": (-0.1, -0.05, -0.02, 0.02, 0.05, 0.1)}
+SATURATION = (-4.0, -2.0, -1.0, 1.0, 2.0, 4.0)  # multiples of the family's largest linear alpha, for the picture
+HELD_OUT_SEED = 303  # neither the model's nor the regressor's images
+FULL = {"seeds": 16, "per_site": 4, "hspace": 8, "held_out": 16, "oracle_faces": 16, "samples": 32, "sites": None}
+QUICK = {"seeds": 4, "per_site": 2, "hspace": 2, "held_out": 4, "oracle_faces": 2, "samples": 8,
+         "sites": ("output_blocks.1.1.transformer_blocks.0.attn1",)}
+HSPACE_SAMPLES = 64
 PICTURE = Path(__file__).resolve().parent / "semantics.jpg"
-BASELINE = {"whitened": "random-attention", "value": "random-attention", "qkv-stack": "random-attention",
-            "hspace-pca": "random-hspace"}
+QUICK_PICTURE = Path(__file__).resolve().parent.parent / ".cache" / "semantics-quick.jpg"  # not the README's
+RANDOM = {"attention": "random-attention", "hspace": "random-hspace"}
+
+
+def family(site: str) -> str:
+    return "hspace" if site == "h_space" else "attention"
+
+
+def linear_alphas(site: str) -> tuple:
+    return LINEAR_ALPHAS[family(site)]
+
+
+def saturation_alphas(site: str) -> tuple:
+    return tuple(m * max(linear_alphas(site)) for m in SATURATION)
 
 
 class World:
     """The trained model on the host, its conditioning and identity VAE, and the regressor."""
 
-    def __init__(self, host):
+    def __init__(self, host, seeds: int):
         import comfy.sample
         import comfy.samplers
         self.sample_module, self.samplers = comfy.sample, comfy.samplers
@@ -54,6 +80,10 @@ class World:
         self.regressor = load_regressor()
         self.ddim = comfy.samplers.sampler_object("ddim")
         self.asyrp = self.registry["AsyrpSampler"]().get_sampler(0.0, 1.0)[0]
+        self.seeds = seeds
+
+    def sigmas(self) -> torch.Tensor:
+        return self.samplers.calculate_sigmas(self.model.get_model_object("model_sampling"), "normal", STEPS)
 
     def sample(self, model, start: torch.Tensor, sampler=None, batch_index=None, add_noise=True,
                seed=BASE_SEED) -> torch.Tensor:
@@ -61,16 +91,15 @@ class World:
         SamplerCustom run them -> images [B, 32, 32, 3] in [0, 1]. ``batch_index`` gives image i the
         noise of seed index i; ``add_noise`` False starts from ``start`` itself (an inverted latent)."""
         noise = self.sample_module.prepare_noise(start, seed, batch_index) if add_noise else torch.zeros_like(start)
-        sigmas = self.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", STEPS)
-        samples = self.sample_module.sample_custom(model, noise, 1.0, sampler or self.ddim, sigmas, self.conditioning,
-                                                   self.conditioning, start, seed=seed)
+        samples = self.sample_module.sample_custom(model, noise, 1.0, sampler or self.ddim, self.sigmas(),
+                                                   self.conditioning, self.conditioning, start, seed=seed)
         return self.vae.decode(samples).float()
 
     def sweep(self, model, alphas, sampler=None) -> torch.Tensor:
-        """Every seed at every alpha, in one sampler call -> [SEEDS, len(alphas), 32, 32, 3]."""
-        start = torch.zeros(SEEDS * len(alphas), 3, IMAGE_SIZE, IMAGE_SIZE)
-        images = self.sample(model, start, sampler, batch_index=[seed for seed in range(SEEDS) for _ in alphas])
-        return images.reshape(SEEDS, len(alphas), IMAGE_SIZE, IMAGE_SIZE, 3)
+        """Every seed at every alpha, in one sampler call -> [seeds, len(alphas), 32, 32, 3]."""
+        start = torch.zeros(self.seeds * len(alphas), 3, IMAGE_SIZE, IMAGE_SIZE)
+        images = self.sample(model, start, sampler, batch_index=[s for s in range(self.seeds) for _ in alphas])
+        return images.reshape(self.seeds, len(alphas), IMAGE_SIZE, IMAGE_SIZE, 3)
 
     def edited(self, dset, index, site, alphas, batch: int):
         """The model with one direction applied: ``alphas`` in turn along a latent batch of ``batch`` images."""
@@ -79,16 +108,53 @@ class World:
                                                        alpha_list=alpha_list)[0]
 
     @torch.no_grad()
-    def factors(self, images: torch.Tensor) -> torch.Tensor:
+    def factors(self, images: torch.Tensor) -> np.ndarray:
         """[..., 32, 32, 3] in [0, 1] -> [..., 7], as the regressor reads them from the saved 8-bit images."""
         pixels = (images.reshape(-1, IMAGE_SIZE, IMAGE_SIZE, 3) * 255).round().to(torch.uint8).numpy()
-        return self.regressor(to_input(pixels)).reshape(*images.shape[:-3], len(FACTORS))
+        return self.regressor(to_input(pixels)).reshape(*images.shape[:-3], len(FACTORS)).double().numpy()
 
+    def factor_gradients(self, site: str) -> np.ndarray:
+        """[7, width]: each factor's reading (mean over the seeds) differentiated with respect to a shift
+        added at ``site`` as Apply Direction adds it (the site's RMS token norm times a vector, every
+        step, every token), through the whole sampling: ddim, or for h-space Asyrp's step, which takes
+        x0 from the edited prediction and the direction from the unedited one."""
+        from semantic_directions.directions.apply import rms_token_norm
+        from semantic_directions.directions.asyrp import asyrp_step
+        unet = self.model.model.diffusion_model
+        hspace = site == "h_space"
+        module = unet.middle_block[-1] if hspace else unet.get_submodule(site)
+        width = module.out_channels if hspace else module.to_q.in_features
+        shift = torch.zeros(width, requires_grad=True)
+        active = [False]
 
-def slopes(base: torch.Tensor, swept: torch.Tensor, alphas) -> torch.Tensor:
-    """Least-squares slope of each factor's change against alpha: base [S, 7], swept [S, A, 7] -> [7]."""
-    a = torch.tensor(alphas)[None, :, None]
-    return ((swept - base[:, None]) * a).sum((0, 1)) / (a.square().sum() * base.shape[0])
+        def shifted_tokens(tokens):
+            return tokens + rms_token_norm(tokens)[:, None, None] * shift if active[0] else tokens
+
+        if hspace:
+            handle = module.register_forward_hook(lambda m, args, out: shifted_tokens(
+                out.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(out.shape))
+        else:
+            handle = module.register_forward_pre_hook(lambda m, args: (shifted_tokens(args[0]), *args[1:]))
+        try:
+            sampling = self.model.get_model_object("model_sampling")
+            sigmas = self.sigmas()
+            start = torch.zeros(self.seeds, 3, IMAGE_SIZE, IMAGE_SIZE)
+            noise = self.sample_module.prepare_noise(start, BASE_SEED, list(range(self.seeds)))
+            x = sampling.noise_scaling(sigmas[0], noise, start, max_denoise=True)
+            context = self.conditioning[0][0].expand(self.seeds, -1, -1)
+
+            def denoise(x, sigma, edited):
+                active[0] = edited
+                return self.model.model.apply_model(x, sigma.expand(len(x)), c_crossattn=context)
+            for sigma, sigma_next in zip(sigmas[:-1], sigmas[1:]):
+                x0 = denoise(x, sigma, True)
+                original = denoise(x, sigma, False) if hspace else x0
+                x = asyrp_step(x, sigma, sigma_next, x0, original)
+            readings = self.regressor(x.clamp(-1, 1)).mean(0)
+            return np.stack([torch.autograd.grad(readings[f], shift, retain_graph=f < len(FACTORS) - 1)[0].numpy()
+                             for f in range(len(FACTORS))]).astype(np.float64)
+        finally:
+            handle.remove()
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor, keep: torch.Tensor | None = None) -> float:
@@ -107,28 +173,31 @@ def owned_pixels(factors: np.ndarray, factor: int, change: float) -> torch.Tenso
     return grown[0, 0] > 0
 
 
-def measure(world, base_images, base_factors, images, alphas) -> dict:
-    swept = world.factors(images)
-    slope = slopes(base_factors, swept, alphas)
-    factor = int(slope.abs().argmax())
-    keep = [~owned_pixels(base_factors[s].numpy(), factor, float(slope[factor]) * alpha)
-            for s in range(SEEDS) for alpha in alphas]
-    outside = [psnr(images[s, i], base_images[s, 0], keep[s * len(alphas) + i])
-               for s in range(SEEDS) for i in range(len(alphas)) if keep[s * len(alphas) + i].any()]
-    return {"factor": FACTORS[factor], "effect": round(float(slope[factor].abs()), 4),
-            "purity": round(float(slope[factor].abs() / slope.abs().sum()), 3),
-            "preservation_db": round(float(np.mean(outside)), 2) if outside else None,
-            "slope": round(float(slope[factor]), 4)}
+def preservation(base_images, base_factors, images, slope, alphas) -> float | None:
+    """Mean PSNR of the edited images against the unedited ones outside the pixels the moved factor owns."""
+    factor = int(np.abs(slope).argmax())
+    values = []
+    for s in range(images.shape[0]):
+        for i, alpha in enumerate(alphas):
+            keep = ~owned_pixels(base_factors[s], factor, float(slope[factor]) * alpha)
+            if keep.any():
+                values.append(psnr(images[s, i], base_images[s, 0], keep))
+    return round(float(np.mean(values)), 2) if values else None
 
 
-def random_set(dset_module, model_entry: dict, widths: dict, count: int, seed: int):
+def unit_set(dset_module, model_entry: dict, vectors_by_site: dict, method: str):
+    sites = {site: dset_module.SiteDirections(F.normalize(torch.as_tensor(v, dtype=torch.float32), dim=1))
+             for site, v in vectors_by_site.items()}
+    return dset_module.DirectionSet(sites=sites, method=method, model=model_entry)
+
+
+def random_set(dset_module, model_entry: dict, widths: dict, count: int, seed: int, method: str):
     generator = torch.Generator().manual_seed(seed)
-    sites = {site: dset_module.SiteDirections(F.normalize(torch.randn(count, width, generator=generator), dim=1))
-             for site, width in widths.items()}
-    return dset_module.DirectionSet(sites=sites, method="random", model=model_entry)
+    return unit_set(dset_module, model_entry, {site: torch.randn(count, width, generator=generator)
+                                               for site, width in widths.items()}, method)
 
 
-def hspace_set(world, dset_module, hspace_module, model_entry: dict):
+def hspace_set(world, dset_module, hspace_module, model_entry: dict, count: int):
     """Principal directions of h (the middle block's output, averaged over positions) across samples
     other than the measured ones."""
     collected = []
@@ -141,14 +210,14 @@ def hspace_set(world, dset_module, hspace_module, model_entry: dict):
     if len(collected) != STEPS:
         raise RuntimeError(f"h-space: expected one UNet call of the whole batch per step, got {len(collected)} "
                            f"calls for {STEPS} steps; lower HSPACE_SAMPLES so the host does not split the batch")
-    vectors, spread = hspace_module.principal_directions(torch.stack(collected), HSPACE_COUNT)
+    vectors, spread = hspace_module.principal_directions(torch.stack(collected), count)
     return dset_module.DirectionSet(sites={"h_space": dset_module.SiteDirections(vectors, spread)},
                                     method="hspace-pca", model=model_entry)
 
 
-def inverted(world):
+def inverted(world, count: int):
     """Held-out world images inverted with the pack's DDIM Invert: (originals [N, 32, 32, 3], its x_T LATENT)."""
-    pixels, _ = dataset(HELD_OUT_IMAGES, HELD_OUT_SEED, IMAGE_SIZE)
+    pixels, _ = dataset(count, HELD_OUT_SEED, IMAGE_SIZE)
     originals = torch.from_numpy(pixels).float() / 255
     latent = {"samples": world.vae.encode(originals)}
     inverted_latent = world.registry["DDIMInvert"]().invert(world.model, latent, STEPS, "normal", 1.0, 2,
@@ -165,9 +234,11 @@ def sample_back(world, model, inverted_latent, alphas, sampler=None) -> torch.Te
 
 
 def picture(rows: list, path: Path, scale: int = 3, seeds=(0, 1, 2), gap: int = 8):
-    """One row per direction: its sweep for a few seeds, alphas in order (0 the unedited image), labelled."""
-    tile, label_width, header = IMAGE_SIZE * scale, 240, 22
-    order = sorted([*ALPHAS, 0.0])
+    """One row per direction: its sweep for a few seeds at multiples of its family's largest linear alpha a
+    (0 the unedited image), labelled."""
+    tile, label_width, header = IMAGE_SIZE * scale, 250, 22
+    order = sorted([*SATURATION, 0.0])
+    seeds = [s for s in seeds if s < rows[0][1].shape[0]]
 
     def left(j, i):  # seed j's alpha i
         return label_width + j * (len(order) * tile + gap) + i * tile
@@ -175,11 +246,11 @@ def picture(rows: list, path: Path, scale: int = 3, seeds=(0, 1, 2), gap: int = 
     draw = ImageDraw.Draw(canvas)
     for j in range(len(seeds)):
         for i, alpha in enumerate(order):
-            draw.text((left(j, i) + tile // 3, 5), f"{alpha:+g}", fill="black")
+            draw.text((left(j, i) + tile // 4, 5), f"{alpha:+g} a" if alpha else "0", fill="black")
     for r, (label, base, images) in enumerate(rows):
-        draw.text((6, header + r * tile + tile // 2 - 14), label, fill="black")
+        draw.text((6, header + r * tile + tile // 2 - 20), label, fill="black")
         for j, seed in enumerate(seeds):
-            by_alpha = {**dict(zip(ALPHAS, images[seed])), 0.0: base[seed, 0]}
+            by_alpha = {**dict(zip(SATURATION, images[seed])), 0.0: base[seed, 0]}
             for i, alpha in enumerate(order):
                 pixels = (by_alpha[alpha].numpy() * 255).round().astype(np.uint8)
                 shown = Image.fromarray(pixels).resize((tile, tile), Image.NEAREST)
@@ -187,29 +258,110 @@ def picture(rows: list, path: Path, scale: int = 3, seeds=(0, 1, 2), gap: int = 
     canvas.save(path, quality=90)
 
 
-def sampler_of(world, method: str):
+def sampler_of(world, site: str):
     """h-space edits need Asyrp's asymmetric step (a plain step shifts both of its halves, which cancels)."""
-    return world.asyrp if "hspace" in method else world.ddim
+    return world.asyrp if site == "h_space" else world.ddim
 
 
-def summary(records: list, baseline: list | None) -> dict:
-    """A method's figures; against ``baseline`` (random directions at the same sites), the ratios."""
-    effects = [r["effect"] for r in records]
-    figures = {"directions": len(records), "effect_max": max(effects),
-               "effect_median": round(float(np.median(effects)), 4),
-               "purity_median": round(float(np.median([r["purity"] for r in records])), 3),
-               "best": sorted(records, key=lambda r: -r["effect"])[:3]}
-    if baseline:
-        random_effects = [r["effect"] for r in baseline]
-        figures["effect_max_over_random"] = round(max(effects) / max(random_effects), 2)
-        figures["effect_median_over_random"] = round(float(np.median(effects) / np.median(random_effects)), 2)
-    return figures
+class Results:
+    """Per-seed slopes [S, 7] of every measured direction, keyed (method, site, index), and the statistics
+    over them; every statistic is a function of the mean slopes so the bootstrap can recompute it."""
+
+    def __init__(self):
+        self.per_seed, self.records = {}, {}
+
+    def add(self, key, slopes_per_seed: np.ndarray, record: dict):
+        self.per_seed[key], self.records[key] = slopes_per_seed, record
+
+    def keys(self, method: str, site: str | None = None) -> list:
+        return [k for k in self.per_seed if k[0] == method and (site is None or k[1] == site)]
+
+    def means(self) -> dict:
+        return {k: v.mean(0) for k, v in self.per_seed.items()}
+
+    def best(self, method: str, means: dict, site: str | None = None):
+        return max(self.keys(method, site), key=lambda k: effect(means[k]))
+
+    def best_ratio(self, method: str, means: dict) -> float:
+        """The method's best direction's effect over the best random direction's at the same site."""
+        key = self.best(method, means)
+        random = self.keys(RANDOM[family(key[1])], key[1])
+        return effect(means[key]) / max(effect(means[k]) for k in random)
+
+    def median_ratio(self, method: str, means: dict) -> float:
+        """The method's median effect over the random directions' median at the method's sites."""
+        keys = self.keys(method)
+        random = [k for site in {k[1] for k in keys} for k in self.keys(RANDOM[family(site)], site)]
+        return float(np.median([effect(means[k]) for k in keys]) / np.median([effect(means[k]) for k in random]))
+
+    def site_ratio(self, method: str, site: str, means: dict) -> float:
+        random = self.keys(RANDOM[family(site)], site)
+        return effect(means[self.best(method, means, site)]) / max(effect(means[k]) for k in random)
+
+    def bootstrap(self, statistic, resamples) -> list:
+        return bootstrap_interval(statistic, self.per_seed, resamples)
+
+
+def measure_direction(world, dset, site, index, base_images, base_factors, alphas):
+    model = world.edited(dset, index, site, alphas, world.seeds * len(alphas))
+    images = world.sweep(model, alphas, sampler_of(world, site))
+    per_seed = seed_slopes(base_factors, world.factors(images), alphas)
+    slope = per_seed.mean(0)
+    factor = int(np.abs(slope).argmax())
+    record = {"site": site, "index": index, "factor": FACTORS[factor], "slope": round(float(slope[factor]), 4),
+              "effect": round(effect(slope), 4), "purity": round(purity(slope), 3),
+              "slopes": [round(float(s), 4) for s in slope],
+              "preservation_db": preservation(base_images, base_factors, images, slope, alphas)}
+    return per_seed, record, images
+
+
+def ceiling_sets(world, dset_module, model_entry, factors_by_site: dict, log):
+    """Per site, a set of the supervised directions for the given factors, and which (kind, factor) each
+    index is."""
+    sets, meaning = {}, {}
+    for site, factors in factors_by_site.items():
+        directions = ceiling_directions(world.factor_gradients(site))
+        kept = [(key, v) for key, v in directions.items() if v is not None and key[1] in factors]
+        sets[site] = unit_set(dset_module, model_entry, {site: np.stack([v for _, v in kept])}, "ceiling")
+        meaning[site] = [key for key, _ in kept]
+        log(f"ceiling directions at {site}: {len(kept)}")
+    return sets, meaning
+
+
+def describe(kind: tuple) -> str:
+    """("pure", 2) -> "pure face_hue": which ceiling direction it is."""
+    return f"{kind[0]} {FACTORS[kind[1]]}"
+
+
+def site_ceilings(results: Results, meaning: dict, means: dict) -> dict:
+    """{site: {factor: {"effect", "purity", "direction"}}}: the most any ceiling direction at the site moved
+    that factor, and the largest share of that factor in any ceiling direction's slopes."""
+    table = {}
+    for site, kinds in meaning.items():
+        table[site] = {}
+        keys = [("ceiling", site, i) for i in range(len(kinds))]
+        for f in sorted({kind[1] for kind in kinds}):
+            name = FACTORS[f]
+            strongest = max(keys, key=lambda k: abs(means[k][f]))
+            purest = max(keys, key=lambda k: purity(means[k], f))
+            table[site][name] = {"effect": round(abs(float(means[strongest][f])), 4),
+                                 "purity": round(purity(means[purest], f), 3),
+                                 "effect_direction": describe(kinds[strongest[2]]),
+                                 "purity_direction": describe(kinds[purest[2]])}
+    return table
 
 
 def main():
-    args = arguments(__doc__)
+    args = arguments(__doc__, quick=True)
+    plan = QUICK if args.quick else FULL
+    log = (lambda *a: None) if args.json else (lambda *a: print(*a, flush=True))
+    timings, started = {}, [time.perf_counter()]
+
+    def phase(name):  # seconds spent since the previous phase ended
+        now = time.perf_counter()
+        timings[name], started[0] = round(now - started[0], 1), now
     host = start_host(args.device)
-    world = World(host)
+    world = World(host, plan["seeds"])
     from semantic_directions.directions import directionset as dset_module, hspace
     from semantic_directions.nodes.host import made_for
     model_entry = made_for(world.model)
@@ -217,51 +369,120 @@ def main():
     base_factors = world.factors(base_images)[:, 0]
 
     discover = world.registry["DiscoverAttentionEigendirections"]()
-    sets = {method: discover.discover(world.model, "all", PER_SITE, method, 1.0)[0]
+    sets = {method: discover.discover(world.model, "all", plan["per_site"], method, 1.0)[0]
             for method in ("whitened", "value", "qkv-stack")}
+    if plan["sites"]:
+        sets = {m: dset_module.DirectionSet(sites={k: v for k, v in s.sites.items() if k in plan["sites"]},
+                                            method=s.method, model=s.model, params=s.params) for m, s in sets.items()}
     attention_widths = {site: s.width for site, s in sets["whitened"].sites.items()}
-    sets["hspace-pca"] = hspace_set(world, dset_module, hspace, model_entry)
-    sets["random-attention"] = random_set(dset_module, model_entry, attention_widths, PER_SITE, seed=1)
+    sets["hspace-pca"] = hspace_set(world, dset_module, hspace, model_entry, plan["hspace"])
+    sets["random-attention"] = random_set(dset_module, model_entry, attention_widths, plan["per_site"], 1,
+                                          "random-attention")
     sets["random-hspace"] = random_set(dset_module, model_entry, {"h_space": sets["hspace-pca"].sites["h_space"].width},
-                                       HSPACE_COUNT, seed=2)
-    records, images_of = {}, {}
-    for method, dset in sets.items():
-        records[method] = []
+                                       plan["hspace"], 2, "random-hspace")
+    results = Results()
+
+    def measure_all(method, dset):
         for site, directions in dset.sites.items():
             for index in range(directions.count):
-                model = world.edited(dset, index, site, ALPHAS, SEEDS * len(ALPHAS))
-                images = world.sweep(model, ALPHAS, sampler_of(world, method))
-                record = {"site": site, "index": index, **measure(world, base_images, base_factors, images, ALPHAS)}
-                records[method].append(record)
-                images_of[(method, site, index)] = images
-                if not args.json:
-                    print(method, record, flush=True)
+                per_seed, record, _ = measure_direction(world, dset, site, index, base_images, base_factors,
+                                                        linear_alphas(site))
+                results.add((method, site, index), per_seed, record)
+                log(method, record)
+    phase("discovery_and_hspace_pca")
+    for method, dset in sets.items():
+        measure_all(method, dset)
+    phase("method_sweeps")
+    sites_measured = [*attention_widths, "h_space"]
+    if args.quick:  # only the factors that some method's best direction at a site moves
+        means = results.means()
+        needed = {site: {FACTORS.index(results.records[results.best(m, means, site)]["factor"])
+                         for m in sets if results.keys(m, site)} for site in sites_measured}
+    else:
+        needed = {site: set(range(len(FACTORS))) for site in sites_measured}
+    ceilings, meaning = ceiling_sets(world, dset_module, model_entry, needed, log)
+    phase("ceiling_gradients")
+    for dset in ceilings.values():
+        measure_all("ceiling", dset)
+    phase("ceiling_sweeps")
 
-    originals, inverted_latent = inverted(world)
+    means = results.means()
+    resamples = bootstrap_resamples(plan["seeds"])
+    ceiling_table = site_ceilings(results, meaning, means)
+    originals, inverted_latent = inverted(world, plan["held_out"])
     reconstructed = sample_back(world, world.model, inverted_latent, [0.0])
-    original_factors = world.factors(originals)
-    methods = {}
-    for method in sets:
-        methods[method] = summary(records[method], records.get(BASELINE.get(method)))
-        best = methods[method]["best"][0]
-        model = world.edited(sets[method], best["index"], best["site"], ALPHAS, HELD_OUT_IMAGES * len(ALPHAS))
-        edited = sample_back(world, model, inverted_latent, ALPHAS, sampler_of(world, method))
-        effect = slopes(world.factors(reconstructed)[:, 0], world.factors(edited), ALPHAS)
-        best["effect_on_inverted"] = round(float(effect[FACTORS.index(best["factor"])].abs()), 4)
+    reconstructed_factors = world.factors(reconstructed)[:, 0]
+    methods, rows = {}, []
+    for method, dset in sets.items():
+        key = results.best(method, means)
+        best = dict(results.records[key])
+        factor = FACTORS.index(best["factor"])
+        site_ceiling = ceiling_table[key[1]][best["factor"]]
+        alphas, saturating = linear_alphas(key[1]), saturation_alphas(key[1])
+        model = world.edited(dset, key[2], key[1], alphas, plan["held_out"] * len(alphas))
+        edited = sample_back(world, model, inverted_latent, alphas, sampler_of(world, key[1]))
+        on_inverted = seed_slopes(reconstructed_factors, world.factors(edited), alphas).mean(0)
+        model = world.edited(dset, key[2], key[1], saturating, plan["seeds"] * len(saturating))
+        saturated = world.sweep(model, saturating, sampler_of(world, key[1]))
+        change = (world.factors(saturated)[..., factor] - base_factors[:, None, factor]).mean(0)
+        figures = {"best": best,
+                   "purity_vs_ceiling": round(best["purity"] / max(site_ceiling["purity"], 1e-12), 3),
+                   "effect_vs_ceiling": round(best["effect"] / max(site_ceiling["effect"], 1e-12), 3),
+                   "inverted_transfer": round(float(on_inverted[factor] / best["slope"]), 3),
+                   "inverted_slopes": [round(float(s), 4) for s in on_inverted],
+                   "saturation": {f"{a:g}": round(float(c), 4) for a, c in zip(saturating, change)},
+                   "directions": len(results.keys(method)),
+                   "effect_median": round(float(np.median([effect(means[k]) for k in results.keys(method)])), 4)}
+        figures.update({
+            "best_ratio_vs_random": round(results.best_ratio(method, means), 2),
+            "best_ratio_ci95": [round(v, 2) for v in results.bootstrap(
+                lambda m, method=method: results.best_ratio(method, m), resamples)],
+            "median_ratio_vs_random": round(results.median_ratio(method, means), 2),
+            "median_ratio_ci95": [round(v, 2) for v in results.bootstrap(
+                lambda m, method=method: results.median_ratio(method, m), resamples)]})
+        methods[method] = figures
+        label = (f"{method}\n{key[1].replace('.transformer_blocks.0.attn1', '')} #{key[2]}\n"
+                 f"{best['factor']} {best['slope']:+.3f}/alpha\npurity {best['purity']:.2f}, a = {max(alphas):g}")
+        rows.append((label, base_images, saturated))
+        log(method, figures)
 
-    rows = []
-    for method, figures in methods.items():
-        for best in figures["best"][:2]:
-            label = (f"{method}\n{best['site'].replace('.transformer_blocks.0.attn1', '')} #{best['index']}\n"
-                     f"{best['factor']} {best['slope']:+.3f}/alpha, purity {best['purity']:.2f}")
-            rows.append((label, base_images, images_of[(method, best["site"], best["index"])]))
-    picture(rows, PICTURE)
+    sites = {}
+    for site in ceiling_table:
+        per_method = {}
+        for method in sets:
+            keys = results.keys(method, site)
+            if not keys:
+                continue
+            key = results.best(method, means, site)
+            record = results.records[key]
+            per_method[method] = {"index": key[2], "factor": record["factor"], "effect": record["effect"],
+                                  "purity": record["purity"],
+                                  "purity_vs_ceiling": round(record["purity"] / max(
+                                      ceiling_table[site][record["factor"]]["purity"], 1e-12), 3),
+                                  "ratio_vs_random": round(results.site_ratio(method, site, means), 2)}
+        sites[site] = {"methods": per_method, "ceiling": ceiling_table[site]}
+
+    phase("inversion_transfer_and_saturation")
+    picture_path = QUICK_PICTURE if args.quick else PICTURE
+    picture(rows, picture_path)
+    faces = quality.held_out_faces(plan["oracle_faces"])
+    samples = quality.sample_quality(quality.sample(world.model, plan["samples"]))
+    oracle = {f"{s:g}": quality.oracle_x0_psnr(faces, s) for s in quality.SIGMAS}
+    phase("world_quality_and_oracle")
     report({
-        "device": args.device, "seeds": SEEDS, "steps": STEPS, "alphas": list(ALPHAS),
-        "regressor_factors": list(FACTORS),
+        "device": args.device, "quick": args.quick, "seeds": plan["seeds"], "steps": STEPS,
+        "linear_alphas": list(LINEAR_ALPHAS["attention"]), "hspace_linear_alphas": list(LINEAR_ALPHAS["hspace"]),
+        "saturation_multiples": list(SATURATION),
+        "regressor_factors": list(FACTORS), "bootstrap_resamples": len(resamples),
+        "world_x0_psnr": {f"{s:g}": round(quality.model_x0_psnr(world.model, faces, s), 2) for s in quality.SIGMAS},
+        "oracle_x0_psnr": {s: round(o["psnr"], 2) for s, o in oracle.items()},
+        "oracle_agreement_db": {s: round(o["agreement"], 2) for s, o in oracle.items()},
+        "x0_psnr_faces": len(faces),
+        "sample_redraw_psnr_median": round(samples["redraw_psnr_median"], 2),
+        "noisy_samples": samples["noisy_samples"], "samples": plan["samples"],
         "inversion_psnr": round(psnr(reconstructed[:, 0], originals), 2),
-        "inversion_factor_error": round(float((world.factors(reconstructed)[:, 0] - original_factors).abs().mean()), 4),
-        "methods": methods, "picture": str(PICTURE),
+        "inversion_factor_error": round(float(np.abs(reconstructed_factors - world.factors(originals)).mean()), 4),
+        "methods": methods, "sites": sites, "picture": str(picture_path), "timings_s": timings,
     }, args.json)
 
 
