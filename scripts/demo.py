@@ -48,7 +48,7 @@ FACES_MODEL = (
     "it: direction {index}, alpha {alpha:g} from start to {end_percent:g}, inside the mask. Its edits are real "
     "but the world is small: for real photos run CKPT=/path/to/sd15-or-sdxl.safetensors make demo")
 FACES_SCALE = 4
-FACES_EDIT = {"index": 1, "alpha": 2.0, "end_percent": 1.0}  # the workflow's SD1.5 edit barely shows on it
+FACES_EDIT = {"index": 1, "alpha": 1.0, "end_percent": 1.0}  # the workflow's SD1.5 edit barely shows on it
 PHOTO_SEED = 404  # a face none of the world's models saw
 
 DEVICES = ("cpu", "cuda")
