@@ -99,13 +99,13 @@ def top_right_singular(apply, apply_t, width: int, count: int, like: torch.Tenso
     basis = torch.linalg.qr(start).Q
     products = apply_t(apply(basis))  # A^T A basis, a block at a time: the only operator products made
     while True:
-        gram = (basis.T @ products).double()
+        gram = basis.T @ products
         gram_values, gram_vectors = torch.linalg.eigh((gram + gram.T) / 2)
         values = gram_values.flip(0)[:count].clamp(min=0)
         coefficients = gram_vectors.flip(1)[:, :count].to(dtype)
         ritz = basis @ coefficients
         residual = products @ coefficients - ritz * values.to(dtype)
-        if (residual.norm(dim=0).double() <= tolerance * values).all():
+        if (residual.norm(dim=0) <= tolerance * values).all():
             return fix_signs(ritz.T), values.sqrt().to(dtype)
         if basis.shape[1] + block > width // 2:
             return _exact(apply, width, count, device, dtype)
