@@ -284,9 +284,7 @@ class Results:
 
     def best_ratio(self, method: str, means: dict) -> float:
         """The method's best direction's effect over the best random direction's at the same site."""
-        key = self.best(method, means)
-        random = self.keys(RANDOM[family(key[1])], key[1])
-        return effect(means[key]) / max(effect(means[k]) for k in random)
+        return self.site_ratio(method, self.best(method, means)[1], means)
 
     def median_ratio(self, method: str, means: dict) -> float:
         """The method's median effect over the random directions' median at the method's sites."""
@@ -295,6 +293,7 @@ class Results:
         return float(np.median([effect(means[k]) for k in keys]) / np.median([effect(means[k]) for k in random]))
 
     def site_ratio(self, method: str, site: str, means: dict) -> float:
+        """The method's best direction at ``site`` over the best random direction there."""
         random = self.keys(RANDOM[family(site)], site)
         return effect(means[self.best(method, means, site)]) / max(effect(means[k]) for k in random)
 
@@ -303,6 +302,7 @@ class Results:
 
 
 def measure_direction(world, dset, site, index, base_images, base_factors, alphas):
+    """(per-seed slopes [S, 7], the direction's record) from one sweep through Apply Direction."""
     model = world.edited(dset, index, site, alphas, world.seeds * len(alphas))
     images = world.sweep(model, alphas, sampler_of(world, site))
     per_seed = seed_slopes(base_factors, world.factors(images), alphas)
@@ -312,7 +312,7 @@ def measure_direction(world, dset, site, index, base_images, base_factors, alpha
               "effect": round(effect(slope), 4), "purity": round(purity(slope), 3),
               "slopes": [round(float(s), 4) for s in slope],
               "preservation_db": preservation(base_images, base_factors, images, slope, alphas)}
-    return per_seed, record, images
+    return per_seed, record
 
 
 def ceiling_sets(world, dset_module, model_entry, factors_by_site: dict, log):
@@ -385,7 +385,7 @@ def main():
     def measure_all(method, dset):
         for site, directions in dset.sites.items():
             for index in range(directions.count):
-                per_seed, record, _ = measure_direction(world, dset, site, index, base_images, base_factors,
+                per_seed, record = measure_direction(world, dset, site, index, base_images, base_factors,
                                                         linear_alphas(site))
                 results.add((method, site, index), per_seed, record)
                 log(method, record)

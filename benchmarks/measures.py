@@ -59,10 +59,9 @@ def ceiling_directions(gradients: np.ndarray) -> dict:
     directions = {}
     for f, row in enumerate(gradients):
         directions[("strongest", f)] = row / max(np.linalg.norm(row), 1e-300)
-        others = np.delete(gradients, f, axis=0)
-        basis = np.linalg.svd(others, full_matrices=False)[2] if len(others) else np.zeros((0, len(row)))
-        rank = int((np.linalg.svd(others, compute_uv=False) > 1e-10 * np.abs(gradients).max()).sum()) if len(others) else 0
-        residual = row - basis[:rank].T @ (basis[:rank] @ row)
+        _, singular, basis = np.linalg.svd(np.delete(gradients, f, axis=0), full_matrices=False)
+        span = basis[singular > 1e-10 * np.abs(gradients).max()]  # the other factors' gradients' row space
+        residual = row - span.T @ (span @ row)
         pure = np.linalg.norm(residual)
         directions[("pure", f)] = residual / pure if pure > 1e-8 * np.linalg.norm(row) else None
     return directions

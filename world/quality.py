@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .faces import SIZE, dataset
+from .faces import FACTORS, SIZE, dataset
 from .oracle import posterior_mean, psnr
 from .regressor import HELD_OUT_SEED, load as load_regressor, read_and_redraw
 
@@ -81,15 +81,17 @@ def sample(patcher, count: int, seed: int = 0) -> np.ndarray:
 
 
 def sample_quality(pixels: np.ndarray) -> dict:
-    _, redraw = read_and_redraw(load_regressor(), pixels)
+    regressor = load_regressor()
+    factors, redraw = read_and_redraw(regressor, pixels)
     clean, _ = dataset(256, HELD_OUT_SEED)
     limit = NOISY_FACTOR * float(noise_level(clean).max())
     levels = noise_level(pixels)
-    _, clean_redraw = read_and_redraw(load_regressor(), clean[:len(pixels)])
+    _, clean_redraw = read_and_redraw(regressor, clean[:len(pixels)])
     return {"redraw_psnr_median": float(np.median(redraw)), "clean_redraw_psnr_median": float(np.median(clean_redraw)),
             "redraw_psnr_quartiles": [float(np.percentile(redraw, 25)), float(np.percentile(redraw, 75))],
             "noise_median": float(np.median(levels)), "noise_max": float(levels.max()),
-            "clean_noise_max": limit / NOISY_FACTOR, "noisy_samples": int((levels > limit).sum())}
+            "clean_noise_max": limit / NOISY_FACTOR, "noisy_samples": int((levels > limit).sum()),
+            "factor_spread": {name: float(v) for name, v in zip(FACTORS, factors.std(0))}}
 
 
 def main():

@@ -12,9 +12,7 @@ import numpy as np
 from PIL import Image
 
 from harness.host import Host
-from world.faces import FACTORS
 from world.quality import sample, sample_quality
-from world.regressor import load, read_and_redraw
 
 PICTURE = Path(__file__).resolve().parent / "samples.jpg"
 
@@ -23,7 +21,6 @@ def main(count: int = 32, columns: int = 8, scale: int = 3):
     host = Host(Path(tempfile.mkdtemp(prefix="semdir-samples-")))
     pixels = sample(host.nodes.NODE_CLASS_MAPPINGS["FacesWorldLoader"]().load()[0], count)
     figures = sample_quality(pixels)
-    factors, _ = read_and_redraw(load(), pixels)
     rows = [np.concatenate(list(pixels[i:i + columns]), 1) for i in range(0, count, columns)]
     grid = Image.fromarray(np.concatenate(rows, 0))
     grid.resize((grid.width * scale, grid.height * scale), Image.NEAREST).save(PICTURE, quality=92)
@@ -31,7 +28,7 @@ def main(count: int = 32, columns: int = 8, scale: int = 3):
           f"(quartiles {figures['redraw_psnr_quartiles'][0]:.1f}, {figures['redraw_psnr_quartiles'][1]:.1f}); "
           f"visibly noisy: {figures['noisy_samples']} of {count} (noise estimate median {figures['noise_median']:.1f}, "
           f"max {figures['noise_max']:.1f}, clean faces' max {figures['clean_noise_max']:.1f}); factor spread "
-          "(standard deviation; uniform is 0.29) " + ", ".join(f"{n} {v:.2f}" for n, v in zip(FACTORS, factors.std(0))))
+          "(standard deviation; uniform is 0.29) " + ", ".join(f"{n} {v:.2f}" for n, v in figures["factor_spread"].items()))
 
 
 if __name__ == "__main__":
