@@ -53,23 +53,62 @@ class FacesConfig(comfy.supported_models.SD15):
 PREDICTIONS = {"eps": comfy.model_base.ModelType.EPS, "v": comfy.model_base.ModelType.V_PREDICTION}
 
 
-def build_model(dtype=torch.float32, prediction: str = "v") -> comfy.model_base.BaseModel:
+def unet_config(width: int) -> dict:
+    """``UNET`` with ``width`` channels at the first level; the heads widen with it, so their number stays."""
+    return dict(UNET, model_channels=width, num_head_channels=width)
+
+
+def build_model(dtype=torch.float32, prediction: str = "v", unet: dict = UNET) -> comfy.model_base.BaseModel:
     """v-prediction by default: an eps-predicting network has to reproduce its input to within 1/sigma of the
     image it implies at high noise, and its small errors there became the first model's tinted backgrounds."""
-    config = FacesConfig(dict(UNET, dtype=dtype))
+    config = FacesConfig(dict(unet, dtype=dtype))
     config.set_inference_dtype(dtype, None)
     return comfy.model_base.BaseModel(config, model_type=PREDICTIONS[prediction], device=torch.device("cpu"))
 
 
-def read_weights(path: Path) -> tuple[dict, str]:
-    """(the UNet's float32 state dict, what it predicts) from exported weights or a training checkpoint (its EMA);
-    files without a prediction field predict eps, as the first model did."""
+def read_weights(path: Path) -> tuple[dict, str, dict]:
+    """(the UNet's float32 state dict, what it predicts, its UNet configuration) from exported weights or a
+    training checkpoint (its EMA); files without a prediction field predict eps, as the first model did."""
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
-        prediction = metadata.get("prediction") or json.loads(metadata.get("settings", "{}")).get("prediction", "eps")
+        settings = json.loads(metadata.get("settings", "{}"))
+        prediction = metadata.get("prediction") or settings.get("prediction", "eps")
         prefix = "ema." if any(k.startswith("ema.") for k in f.keys()) else ""
         weights = {k[len(prefix):]: f.get_tensor(k).float() for k in f.keys() if k.startswith(prefix)}
-    return weights, prediction
+    return weights, prediction, settings.get("unet", UNET)
+
+
+def widen(narrow: dict, wide: dict, seed: int) -> dict:
+    """``narrow``'s weights in ``wide``'s shapes (each dimension equal or twice as wide), computing the same
+    function: Net2WiderNet (Chen, Goodfellow and Shlens, 2016). Channel i becomes channels 2i and 2i + 1, so
+    GroupNorm's 32 groups and LayerNorm see the narrow statistics; a weight reading a doubled channel is split
+    between the two copies in random shares that sum to one, so the copies get different gradients and can
+    learn apart. The timestep sinusoids at twice the width hold the narrow frequencies at their even indices.
+    A query is scaled by 1/sqrt(2): each head is twice as wide (softmax scale 1/sqrt(d)) and its logit sums
+    each duplicated product twice."""
+    generator = torch.Generator().manual_seed(seed)
+    grown = {}
+    for name, tensor in narrow.items():
+        target = tuple(wide[name].shape)
+        if len(target) != tensor.ndim or any(b not in (a, 2 * a) for a, b in zip(tensor.shape, target)):
+            raise ValueError(f"{name}: cannot widen {tuple(tensor.shape)} to {target}")
+        t = tensor.float()
+        for dim, (a, b) in enumerate(zip(tensor.shape, target)):
+            if a == b:
+                continue
+            if name == "time_embed.0.weight" and dim == 1:  # the sinusoids: [cos(f_i t), sin(f_i t)], f_i = 10000^(-i / half)
+                sinusoids = torch.zeros(t.shape[0], b)
+                sinusoids[:, 0:a:2], sinusoids[:, a::2] = t[:, :a // 2], t[:, a // 2:]
+                t = sinusoids
+            elif dim == 0:
+                t = t.repeat_interleave(2, dim=0)
+            else:
+                share = 0.4 + 0.2 * torch.rand(t.shape, generator=generator)
+                t = torch.stack([t * share, t * (1 - share)], dim=dim + 1).flatten(dim, dim + 1)
+        if name.endswith(".to_q.weight") and target[0] == 2 * tensor.shape[0]:
+            t = t / math.sqrt(2)
+        grown[name] = t
+    return grown
 
 
 def initialise(unet: torch.nn.Module, seed: int) -> None:
@@ -97,8 +136,8 @@ def load_patcher(path: Path = WEIGHTS) -> comfy.model_patcher.ModelPatcher:
     """The trained model as the host runs a checkpoint: a ModelPatcher on the host's devices."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; train and export it with python -m world.train --export")
-    weights, prediction = read_weights(path)
-    model = build_model(prediction=prediction)
+    weights, prediction, unet = read_weights(path)
+    model = build_model(prediction=prediction, unet=unet)
     model.diffusion_model.load_state_dict(weights)
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())

@@ -1,6 +1,8 @@
 """Trains the faces world's UNet (world/model.py) on world/faces.py images on the host's default
 discrete schedule: v-prediction (or eps, the first model's), Adam, an EMA of the weights,
-optionally started from exported weights (--init). Deterministic for a seed (each step's
+optionally started from exported weights (--init; narrower ones are widened to --width keeping their
+function, world/model.py ``widen``), in float32 or bfloat16 autocast (--bf16: 1.9x faster on CPUs with
+AVX-512 BF16). Deterministic for a seed (each step's
 batch, timesteps and noise come from the seed and the step number), and resumable: it saves a
 safetensors checkpoint every --every steps and continues from it when run again.
 
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from harness.comfyui import make_importable
 
@@ -29,9 +31,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 host_args.cpu = DEVICE == "cpu"
 
 from world.faces import dataset  # noqa: E402
-from world.model import IMAGE_SIZE, UNET, WEIGHTS as EXPORT, build_model, empty_context, initialise  # noqa: E402
-
-CHECKPOINT = REPO / ".cache" / "world-train" / "checkpoint.safetensors"
+from world.model import (  # noqa: E402
+    IMAGE_SIZE, UNET, WEIGHTS as EXPORT, build_model, empty_context, initialise, read_weights, unet_config, widen)
 
 
 def arguments():
@@ -44,13 +45,16 @@ def arguments():
     parser.add_argument("--ema", type=float, default=0.999)
     parser.add_argument("--every", type=int, default=250, help="checkpoint every this many steps")
     parser.add_argument("--prediction", choices=("v", "eps"), default="v", help="what the network predicts")
-    parser.add_argument("--init", default="", help="start from these exported weights (a file as --export writes)")
+    parser.add_argument("--init", default="", help="start from these weights (exported, or a checkpoint's EMA)")
+    parser.add_argument("--width", type=int, default=UNET["model_channels"], help="channels at the first level")
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (weights, Adam and EMA stay float32)")
+    parser.add_argument("--checkpoint", type=Path, default=REPO / ".cache" / "world-train" / "checkpoint.safetensors")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
     parser.add_argument("--export", action="store_true", help="write the EMA weights to world/faces_unet.safetensors")
     return parser.parse_args()
 
 
-def save_checkpoint(unet, ema, optimizer, step, settings, losses):
+def save_checkpoint(path, unet, ema, optimizer, step, settings, losses):
     tensors = {f"unet.{k}": v.detach().contiguous().cpu() for k, v in unet.state_dict().items()}
     tensors.update({f"ema.{k}": v.contiguous().cpu() for k, v in ema.items()})
     for i, parameter in enumerate(unet.parameters()):
@@ -59,18 +63,18 @@ def save_checkpoint(unet, ema, optimizer, step, settings, losses):
             tensors[f"adam.{i}.exp_avg"] = state["exp_avg"].cpu()
             tensors[f"adam.{i}.exp_avg_sq"] = state["exp_avg_sq"].cpu()
             tensors[f"adam.{i}.step"] = torch.as_tensor(state["step"]).reshape(1).float().cpu()
-    CHECKPOINT.parent.mkdir(parents=True, exist_ok=True)
-    partial = CHECKPOINT.with_suffix(".partial")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
     save_file(tensors, str(partial), metadata={"step": str(step), "settings": json.dumps(settings),
                                                "losses": json.dumps(losses[-200:])})
-    os.replace(partial, CHECKPOINT)
+    os.replace(partial, path)
 
 
-def load_checkpoint(unet, ema, optimizer, settings):
-    with safe_open(str(CHECKPOINT), "pt") as f:
+def load_checkpoint(path, unet, ema, optimizer, settings):
+    with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
         if json.loads(metadata["settings"]) != settings:
-            sys.exit(f"{CHECKPOINT} was trained with other settings {metadata['settings']}; delete it to start over")
+            sys.exit(f"{path} was trained with other settings {metadata['settings']}; delete it to start over")
         unet.load_state_dict({k[5:]: f.get_tensor(k) for k in f.keys() if k.startswith("unet.")})
         ema.update({k[4:]: f.get_tensor(k).to(DEVICE) for k in f.keys() if k.startswith("ema.")})
         for i, parameter in enumerate(unet.parameters()):
@@ -84,21 +88,24 @@ def load_checkpoint(unet, ema, optimizer, settings):
 def main():
     args = arguments()
     torch.set_num_threads(args.threads)
+    unet_settings = unet_config(args.width)
     settings = {**{k: getattr(args, k) for k in ("batch", "lr", "seed", "images", "ema", "prediction", "init")},
-                "unet": UNET}
+                **({"bf16": True} if args.bf16 else {}), "unet": unet_settings}
     images, _ = dataset(args.images, args.seed, IMAGE_SIZE)
     data = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1).to(DEVICE)  # the identity VAE's [-1, 1]
-    model = build_model(prediction=args.prediction)
+    model = build_model(prediction=args.prediction, unet=unet_settings)
     unet = model.diffusion_model
     initialise(unet, args.seed)
     if args.init:
-        unet.load_state_dict({k: v.float() for k, v in load_file(args.init).items()})
+        weights, _, _ = read_weights(Path(args.init))
+        unet.load_state_dict(widen(weights, unet.state_dict(), args.seed))
     unet.to(DEVICE)
     unet.train()
     ema = {k: v.detach().clone() for k, v in unet.state_dict().items()}
     optimizer = torch.optim.Adam(unet.parameters(), lr=args.lr)
     alphas_cumprod = (1 / (1 + model.model_sampling.sigmas.float() ** 2)).to(DEVICE)
-    step, losses = load_checkpoint(unet, ema, optimizer, settings) if CHECKPOINT.exists() else (0, [])
+    step, losses = (load_checkpoint(args.checkpoint, unet, ema, optimizer, settings) if args.checkpoint.exists()
+                    else (0, []))
     context = empty_context(args.batch).to(DEVICE)
     print(f"training from step {step} to {args.steps}, {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M "
           f"parameters, batch {args.batch}", flush=True)
@@ -111,7 +118,9 @@ def main():
         keep = alphas_cumprod[t].reshape(-1, 1, 1, 1)
         noisy = keep.sqrt() * x0 + (1 - keep).sqrt() * noise
         target = noise if args.prediction == "eps" else keep.sqrt() * noise - (1 - keep).sqrt() * x0
-        loss = torch.nn.functional.mse_loss(unet(noisy, timesteps=t.float(), context=context), target)
+        with torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=args.bf16):
+            prediction = unet(noisy, timesteps=t.float(), context=context)
+        loss = torch.nn.functional.mse_loss(prediction.float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -126,9 +135,9 @@ def main():
             start = time.perf_counter()
             print(f"step {step}: loss {sum(losses[-50:]) / 50:.4f}, {rate:.2f} s/step", flush=True)
         if step % args.every == 0 or step == args.steps:
-            save_checkpoint(unet, ema, optimizer, step, settings, losses)
+            save_checkpoint(args.checkpoint, unet, ema, optimizer, step, settings, losses)
     if args.export:
-        metadata = {"steps": str(step), "prediction": args.prediction, "settings": json.dumps(settings), "unet": "world/model.py UNET",
+        metadata = {"steps": str(step), "prediction": args.prediction, "settings": json.dumps(settings), "unet": f"world/model.py unet_config({args.width})",
                     "final_loss": str(sum(losses[-200:]) / max(len(losses[-200:]), 1))}
         save_file({k: v.half().contiguous().cpu() for k, v in ema.items()}, str(EXPORT), metadata=metadata)
         print(f"wrote {EXPORT} ({EXPORT.stat().st_size / 2 ** 20:.1f} MB)")
