@@ -15,6 +15,7 @@ from .common import CATEGORY, finite, finite_tensor
 DEFAULT_REFINE = 2
 MAX_REFINE = 20
 MAX_CFG = 30.0
+UNCONVERGED = 1e-2  # a residual this large is an error of the same size in the round trip
 
 
 @torch.no_grad()
@@ -30,18 +31,38 @@ def inversion_sampler_function(model, x, sigmas, extra_args=None, callback=None,
     def denoise(latent, sigma):
         return model(latent, sigma * latent.new_ones([latent.shape[0]]), **extra_args)
 
-    def report(i, latent):
+    residuals = []
+
+    def report(i, latent, residual):
         comfy.model_management.throw_exception_if_processing_interrupted()
+        if residual is not None:
+            residuals.append(float(residual.max()))
         if callback is not None:
             callback({"x": latent, "i": i, "sigma": sigmas[i + 1], "sigma_hat": sigmas[i + 1], "denoised": latent})
-    return invert(denoise, x, sigmas, refine, report)
+    inverted = invert(denoise, x, sigmas, refine, report)
+    log_residuals(residuals)
+    return inverted
+
+
+def log_residuals(residuals):
+    """Each step's fixed-point residual in the log; a warning when one is large enough to show in the image."""
+    if not residuals:
+        return
+    logging.info("DDIM inversion: fixed-point residual per step, lowest sigma first (|F(x) - x| / |x|): %s",
+                 " ".join(f"{r:.1e}" for r in residuals))
+    worst = max(range(len(residuals)), key=residuals.__getitem__)
+    if residuals[worst] > UNCONVERGED:
+        logging.warning("DDIM inversion: step %d of %d has not converged (residual %.1e > %.0e): the image will not "
+                        "reconstruct exactly; raise refine or steps, or lower cfg", worst + 1, len(residuals),
+                        residuals[worst], UNCONVERGED)
 
 
 def refine_input():
     return ("INT", {"default": DEFAULT_REFINE, "min": 0, "max": MAX_REFINE, "tooltip":
-                    "Fixed-point iterations per step: each re-evaluates the model at the new point and removes "
-                    "most of plain DDIM inversion's drift (0 = plain DDIM inversion). Costs 1 + refine model "
-                    "calls per step."})
+                    "Extra model calls per step, on average, to remove plain DDIM inversion's drift (0 = plain "
+                    "DDIM inversion): each step solves its fixed point, the lowest steps, where it converges "
+                    "slowest, getting most of the calls. At most 1 + refine calls per step; fewer once every "
+                    "step has converged. The log lists each step's residual."})
 
 
 class DDIMInversionSampler:
@@ -118,7 +139,7 @@ class DDIMInvert:
         if steps < 1:
             raise ValueError(f"steps: expected at least 1, got {steps}")
         if not 0 <= refine <= MAX_REFINE:
-            raise ValueError(f"refine: expected 0 to {MAX_REFINE} fixed-point iterations per step, got {refine}")
+            raise ValueError(f"refine: expected 0 to {MAX_REFINE} extra model calls per step, got {refine}")
         if not 0 <= finite("cfg", cfg) <= MAX_CFG:
             raise ValueError(f"cfg: expected 0 to {MAX_CFG} (1 inverts best), got {cfg}")
         if cfg > 1:
