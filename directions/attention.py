@@ -18,6 +18,7 @@ singular vectors come from block Krylov iteration stopped on the Ritz residuals,
 an eigendecomposition of J^T J (docs/math.md, section 'Matrix-free top singular vectors').
 """
 import math
+import time
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,7 @@ from einops import rearrange
 METHODS = ("whitened", "value", "qkv-stack")
 EXACT_SVD_MAX_WIDTH = 256
 OVERSAMPLE = 6  # extra vectors in each Krylov block beyond the directions asked for
+BLOCKS_PER_CHECK = 2  # after the first: each Rayleigh-Ritz check costs about as much as a block's products
 RESIDUAL_TOLERANCE = 5e-3  # Ritz residual over Ritz value: gains within 0.25%
 
 
@@ -52,31 +54,105 @@ def whitening_constant(head_width: int, token_variance: float = 1.0) -> float:
     return token_variance / math.sqrt(head_width)
 
 
-def shift_operator(weights: AttentionWeights, method: str, token_variance: float = 1.0):
+def shift_operator(weights: AttentionWeights, method: str, token_variance: float = 1.0,
+                   product_dtype: torch.dtype | None = None):
     """(apply, apply_t): x [d, p] -> A x and y -> A^T y for the method's matrix A, never formed.
 
-    ``whitened``: A = J above, applied as W_o G with G = W_v + c blockdiag_h(W_v[h] W_k[h]^T) W_q
-    ([inner, d], cheap to form). ``value``: A = W_o W_v (c = 0). ``qkv-stack``: A = [W_q; W_k; W_v],
-    SeFa's factorisation, whose right singular vectors are the eigenvectors of
-    W_q^T W_q + W_k^T W_k + W_v^T W_v.
+    ``whitened``: A = J above, W_o G with G = W_v + c blockdiag_h(W_v[h] W_k[h]^T) W_q ([inner, d],
+    cheap to form). ``value``: A = W_o W_v (c = 0). ``qkv-stack``: A = [W_q; W_k; W_v], SeFa's
+    factorisation, whose right singular vectors are the eigenvectors of W_q^T W_q + W_k^T W_k +
+    W_v^T W_v. ``product_dtype``: run the products in that precision (bfloat16 halves their cost
+    where the hardware has it), returning the input's dtype; by default the weights' own.
     """
+    return _shift_operators(weights, method, token_variance, [(product_dtype, True)])[0]
+
+
+def _shift_operators(weights: AttentionWeights, method: str, token_variance: float, variants):
+    """One (apply, apply_t) per (product dtype, whether to form G) in ``variants``, sharing the work.
+    Forming G pays when the operator makes many products; unformed, G x is W_v x + c blockdiag(W_v[h]
+    W_k[h]^T) (W_q x), one more product per block."""
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
-    q, k, v, out = weights.q, weights.k, weights.v, weights.out
-    if method == "qkv-stack":
-        return (lambda x: torch.cat([q @ x, k @ x, v @ x])), \
-            (lambda y: sum(w.T @ part for w, part in zip((q, k, v), y.chunk(3))))
-    mixed = v
+    heads = weights.heads
     if method == "whitened":
         c = whitening_constant(weights.head_width, token_variance)
-        per_head = [rearrange(w, "(h e) d -> h e d", h=weights.heads) for w in (v, k, q)]
-        value_key = torch.einsum("hed,hfd->hef", per_head[0], per_head[1])  # W_v[h] W_k[h]^T
-        mixed = v + c * rearrange(torch.einsum("hef,hfd->hed", value_key, per_head[2]), "h e d -> (h e) d")
-    return (lambda x: out @ (mixed @ x)), (lambda y: mixed.T @ (out.T @ y))
+        value_key = torch.einsum("hed,hfd->hef", *(rearrange(w, "(h e) d -> h e d", h=heads) for w in (weights.v, weights.k)))
+    operators = []
+    for product_dtype, formed in variants:
+        dtype = product_dtype or weights.q.dtype
+
+        def cast(weight, dtype=dtype):
+            weight = weight.to(dtype)
+            return weight, (weight.T if dtype in (torch.float32, torch.float64) else weight.T.contiguous())
+        if method == "qkv-stack":
+            q, k, v = (cast(w) for w in (weights.q, weights.k, weights.v))
+            operators.append(((lambda x, q=q, k=k, v=v, dtype=dtype: torch.cat([w @ x.to(dtype) for w, _ in (q, k, v)]).to(x.dtype)),
+                              (lambda y, q=q, k=k, v=v, dtype=dtype: sum(w_t @ part.to(dtype) for (_, w_t), part in zip((q, k, v), y.chunk(3))).to(y.dtype))))
+            continue
+        out = cast(weights.out)
+        if method == "value":
+            mixed = cast(weights.v)
+        elif formed:
+            mixed = cast(rearrange(torch.baddbmm(*(rearrange(w.to(dtype), "(h e) d -> h e d", h=heads) for w in (weights.v,)),
+                                                 value_key.to(dtype),
+                                                 rearrange(weights.q.to(dtype), "(h e) d -> h e d", h=heads), alpha=c),
+                                   "h e d -> (h e) d"))
+        else:
+            mixed = _unformed_mixed(cast(weights.v), cast(weights.q), c * value_key.to(dtype), heads)
+        operators.append(_product_pair(mixed, out, dtype))
+    return operators
+
+
+def _product_pair(mixed, out, dtype):
+    """A = W_o G from (G, G^T) and (W_o, W_o^T), each a matrix or a function applying it."""
+    (g, g_t), (o, o_t) = ((m if callable(m) else m.__matmul__ for m in pair) for pair in (mixed, out))
+    return (lambda x: o(g(x.to(dtype))).to(x.dtype)), (lambda y: g_t(o_t(y.to(dtype))).to(y.dtype))
+
+
+def _unformed_mixed(v, q, tilt, heads):
+    """(x -> G x, y -> G^T y) without G: W_v x + blockdiag(tilt) (W_q x), and its transpose."""
+    (w_v, w_v_t), (w_q, w_q_t) = v, q
+
+    def apply(x):
+        tilted = torch.einsum("hef,hfp->hep", tilt, rearrange(w_q @ x, "(h f) p -> h f p", h=heads))
+        return w_v @ x + rearrange(tilted, "h e p -> (h e) p")
+
+    def apply_t(y):
+        tilted = torch.einsum("hef,hep->hfp", tilt, rearrange(y, "(h e) p -> h e p", h=heads))
+        return w_v_t @ y + w_q_t @ rearrange(tilted, "h f p -> (h f) p")
+    return apply, apply_t
+
+
+def fast_product_dtype(device: torch.device) -> torch.dtype | None:
+    """bfloat16 where its matrix products are clearly faster than float32 on ``device`` (GPUs with
+    bfloat16 units; CPUs with AVX-512 BF16 or AMX, timed once), else None."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
+    if device.type != "cpu":
+        return None
+    if "cpu" not in _fast_dtypes:
+        matrix, block = torch.randn(1280, 1280), torch.randn(1280, 16)
+        seconds = {dtype: _best_time(lambda a=matrix.to(dtype), b=block.to(dtype): a @ b)
+                   for dtype in (torch.float32, torch.bfloat16)}
+        _fast_dtypes["cpu"] = torch.bfloat16 if seconds[torch.bfloat16] < 0.7 * seconds[torch.float32] else None
+    return _fast_dtypes["cpu"]
+
+
+_fast_dtypes = {}
+
+
+def _best_time(function, repeats: int = 5) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def top_right_singular(apply, apply_t, width: int, count: int, like: torch.Tensor,
-                       tolerance: float = RESIDUAL_TOLERANCE, seed: int = 0):
+                       tolerance: float = RESIDUAL_TOLERANCE, seed: int = 0, draft=None):
     """The ``count`` top right singular vectors (rows, [count, width]) and values of an operator.
 
     Narrow operators are formed and decomposed exactly. Otherwise block Krylov iteration on A^T A
@@ -85,10 +161,12 @@ def top_right_singular(apply, apply_t, width: int, count: int, like: torch.Tenso
     ``tolerance`` * theta_i, so an eigenvalue of A^T A lies within that fraction of each theta_i
     and each gain is within half of it (docs/math.md, section 'Matrix-free top singular vectors').
     Near-tied singular values, whose vectors no method can pin, still meet it: the residual only
-    asks for vectors whose gains are true top gains. A basis that would pass half the width is
-    abandoned for the exact decomposition. The start block is drawn from ``seed`` on the CPU, so
-    the result does not depend on the device's random generator. ``like`` gives the device and
-    dtype the operator works in.
+    asks for vectors whose gains are true top gains. ``draft``: a cheaper (apply, apply_t) of nearly
+    the same operator (bfloat16 products): the basis is grown with it, and its top Ritz vectors
+    start the iteration with (apply, apply_t), which checks the rule on the operator itself. A basis
+    that would pass half the width is abandoned for the exact decomposition. The start block is
+    drawn from ``seed`` on the CPU, so the result does not depend on the device's random
+    generator. ``like`` gives the device and dtype the operator works in.
     """
     device, dtype = like.device, like.dtype
     count = min(count, width)
@@ -96,24 +174,41 @@ def top_right_singular(apply, apply_t, width: int, count: int, like: torch.Tenso
     if width <= EXACT_SVD_MAX_WIDTH or 2 * block > width // 2:
         return _exact(apply, width, count, device, dtype)
     start = torch.randn(width, block, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+    for operator in ([draft] if draft is not None else []) + [(apply, apply_t)]:
+        found = _block_krylov(*operator, start, count, tolerance)
+        if found is None:
+            return _exact(apply, width, count, device, dtype)
+        start, values = found
+    return fix_signs(start[:, :count].T), values[:count].sqrt()
+
+
+def _block_krylov(apply, apply_t, start: torch.Tensor, count: int, tolerance: float):
+    """Block Krylov on A^T A from ``start`` [width, block] until the top ``count`` Ritz pairs meet the
+    residual rule: (the top ``block`` Ritz vectors [width, block], their values), or None once the
+    basis would pass half the width. The Gram matrix Q^T A^T A Q grows a block at a time."""
+    width, block = start.shape
     basis = torch.linalg.qr(start).Q
     products = apply_t(apply(basis))  # A^T A basis, a block at a time: the only operator products made
+    gram = basis.T @ products
     while True:
-        gram = basis.T @ products
         gram_values, gram_vectors = torch.linalg.eigh((gram + gram.T) / 2)
-        values = gram_values.flip(0)[:count].clamp(min=0)
-        coefficients = gram_vectors.flip(1)[:, :count].to(dtype)
+        values = gram_values.flip(0)[:block].clamp(min=0)
+        coefficients = gram_vectors.flip(1)[:, :block]
         ritz = basis @ coefficients
-        residual = products @ coefficients - ritz * values.to(dtype)
-        if (residual.norm(dim=0) <= tolerance * values).all():
-            return fix_signs(ritz.T), values.sqrt().to(dtype)
-        if basis.shape[1] + block > width // 2:
-            return _exact(apply, width, count, device, dtype)
-        grown = products[:, -block:]
-        for _ in range(2):  # twice is enough (Giraud et al.): the new block orthogonal to the basis in float32
-            grown = grown - basis @ (basis.T @ grown)
-        new = torch.linalg.qr(grown).Q
-        basis, products = torch.cat([basis, new], dim=1), torch.cat([products, apply_t(apply(new))], dim=1)
+        residual = products @ coefficients[:, :count] - ritz[:, :count] * values[:count]
+        if (residual.norm(dim=0) <= tolerance * values[:count]).all():
+            return ritz, values
+        for _ in range(1 if basis.shape[1] == block else BLOCKS_PER_CHECK):
+            if basis.shape[1] + block > width // 2:
+                return None
+            grown = products[:, -block:]
+            for _ in range(2):  # twice is enough (Giraud et al.): the new block orthogonal to the basis in float32
+                grown = grown - basis @ (basis.T @ grown)
+            new = torch.linalg.qr(grown).Q
+            new_products = apply_t(apply(new))
+            across = basis.T @ new_products
+            gram = torch.cat([torch.cat([gram, across], dim=1), torch.cat([across.T, new.T @ new_products], dim=1)])
+            basis, products = torch.cat([basis, new], dim=1), torch.cat([products, new_products], dim=1)
 
 
 def _exact(apply, width: int, count: int, device, dtype):
@@ -129,10 +224,17 @@ def fix_signs(vectors: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def attention_directions(weights: AttentionWeights, count: int, method: str = "whitened",
-                         token_variance: float = 1.0):
-    """Top ``count`` unit directions [count, d] of a self-attention layer's input, with gains [count]."""
-    apply, apply_t = shift_operator(weights, method, token_variance)
-    return top_right_singular(apply, apply_t, weights.width, count, like=weights.q)
+                         token_variance: float = 1.0, fast: bool = True):
+    """Top ``count`` unit directions [count, d] of a self-attention layer's input, with gains [count].
+    ``fast``: grow the Krylov basis with bfloat16 products where the device runs them faster; the
+    stopping rule is still checked, and the gains measured, in the weights' precision."""
+    product_dtype = fast_product_dtype(weights.q.device) if fast and weights.width > EXACT_SVD_MAX_WIDTH else None
+    if product_dtype is None:
+        (apply, apply_t), draft = shift_operator(weights, method, token_variance), None
+    else:  # the exact operator checks a block or two: cheaper unformed
+        (apply, apply_t), draft = _shift_operators(weights, method, token_variance,
+                                                   [(None, False), (product_dtype, True)])
+    return top_right_singular(apply, apply_t, weights.width, count, like=weights.q, draft=draft)
 
 
 def shift_jacobian(tokens: torch.Tensor, weights: AttentionWeights) -> torch.Tensor:

@@ -1,4 +1,6 @@
 """Discover Attention Eigendirections: directions from a UNet's self-attention weights alone."""
+import concurrent.futures
+import contextlib
 import weakref
 
 import torch
@@ -72,17 +74,41 @@ class DiscoverAttentionEigendirections:
     def _compute(model, modules, chosen, device, params) -> DirectionSet:
         key_patches = model.get_key_patches("diffusion_model.")
         progress = comfy.utils.ProgressBar(len(chosen))
+
+        @torch.no_grad()
+        def layer_directions(path):
+            weights = host.read_attention_weights(model, key_patches, path, modules[path].heads, device)
+            vectors, gains = attention_directions(weights, params["count"], params["method"], params["token_variance"])
+            return SiteDirections(vectors.float().cpu(), gains.float().cpu())
         sites = {}
-        for path in chosen:
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            with torch.no_grad():
-                weights = host.read_attention_weights(model, key_patches, path, modules[path].heads, device)
-                vectors, gains = attention_directions(weights, params["count"], params["method"],
-                                                      params["token_variance"])
-            sites[path] = SiteDirections(vectors.float().cpu(), gains.float().cpu())
-            progress.update(1)
+        with layer_pool(device) as pool:
+            futures = [pool.submit(layer_directions, path) for path in chosen]
+            try:
+                for path, future in zip(chosen, futures):
+                    sites[path] = future.result()
+                    progress.update(1)
+                    comfy.model_management.throw_exception_if_processing_interrupted()
+            finally:
+                for future in futures:
+                    future.cancel()
         return DirectionSet(sites=sites, method=f"attention-{params['method']}", params=params,
                             model=host.made_for(model))
+
+
+@contextlib.contextmanager
+def layer_pool(device):
+    """Workers for the layers. On the CPU, one single-threaded layer per core: a layer's products are
+    too small to keep two threads busy, and its Rayleigh-Ritz steps run on one (SDXL's 70 layers:
+    about 1.5x faster on two cores than one layer at a time on two threads)."""
+    threads = torch.get_num_threads()
+    on_cpu = torch.device(device).type == "cpu"
+    if on_cpu:
+        torch.set_num_threads(1)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(threads if on_cpu else 1) as pool:
+            yield pool
+    finally:
+        torch.set_num_threads(threads)
 
 
 NODE_CLASS_MAPPINGS = {"DiscoverAttentionEigendirections": DiscoverAttentionEigendirections}
