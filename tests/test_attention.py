@@ -167,3 +167,22 @@ def test_a_clear_gap_pins_the_subspace():
     vectors, gains = top_right_singular(apply, apply_t, 640, 10, like=torch.zeros(1, dtype=torch.float64))
     assert ((gains - values[:10]).abs() / values[:10]).max() < 1e-3
     assert torch.linalg.svdvals(top[:10] @ vectors.T).min() > 0.999
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_a_bfloat16_draft_only_chooses_the_subspace(method):
+    """Grown with bfloat16 products, checked with the float32 operator: the same rule holds on the
+    operator itself, and every gain is its vector's own float32 gain."""
+    weights = random_layer(640, 8, seed=10, dtype=torch.float32)
+    apply, apply_t = shift_operator(weights, method)
+    draft = shift_operator(weights, method, product_dtype=torch.bfloat16)
+    eye = torch.eye(640)
+    # bfloat16 keeps 8 bits: entries of the products within a few 2^-9 of the operator's scale
+    assert (draft[0](eye) - apply(eye)).abs().max() < 1e-2 * apply(eye).abs().max()
+    vectors, gains = top_right_singular(apply, apply_t, 640, 10, like=weights.q, draft=draft)
+    products = apply_t(apply(vectors.T))
+    residuals = (products - vectors.T * gains ** 2).norm(dim=0)
+    assert (residuals <= 5e-3 * gains ** 2).all()
+    assert torch.allclose(apply(vectors.T).norm(dim=0), gains, rtol=1e-5)  # float32 norms of the same products
+    exact = torch.linalg.svdvals(apply(eye).double())[:10]
+    assert ((gains.double() - exact).abs() / exact).max() < 2.5e-3

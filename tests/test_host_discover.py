@@ -144,12 +144,15 @@ def test_progress_is_reported_per_layer_and_cancelling_stops(host, tiny):
     patcher = build_unet("sd15", seed=11)
     updates = []
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, **kw: updates.append((value, total)))
+    threads = torch.get_num_threads()
     try:
         node.discover(patcher, "all", 2, "value", 1.0)
         assert updates[-1] == (16, 16) and len(updates) == 16
+        assert torch.get_num_threads() == threads  # the layers ran one per core; the host's setting is back
         comfy.model_management.interrupt_current_processing(True)
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             node.discover(patcher, "all", 2, "whitened", 1.0)
+        assert len(updates) == 17 and torch.get_num_threads() == threads
     finally:
         comfy.model_management.interrupt_current_processing(False)
         comfy.utils.set_progress_bar_global_hook(None)
