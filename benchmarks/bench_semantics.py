@@ -362,7 +362,7 @@ def main():
         timings[name], started[0] = round(now - started[0], 1), now
     host = start_host(args.device)
     world = World(host, plan["seeds"])
-    from semantic_directions.directions import directionset as dset_module, hspace
+    from semantic_directions.directions import activations, directionset as dset_module
     from semantic_directions.nodes.host import made_for
     model_entry = made_for(world.model)
     base_images = world.sweep(world.model, [0.0])
@@ -375,7 +375,7 @@ def main():
         sets = {m: dset_module.DirectionSet(sites={k: v for k, v in s.sites.items() if k in plan["sites"]},
                                             method=s.method, model=s.model, params=s.params) for m, s in sets.items()}
     attention_widths = {site: s.width for site, s in sets["whitened"].sites.items()}
-    sets["hspace-pca"] = hspace_set(world, dset_module, hspace, model_entry, plan["hspace"])
+    sets["hspace-pca"] = hspace_set(world, dset_module, activations, model_entry, plan["hspace"])
     sets["random-attention"] = random_set(dset_module, model_entry, attention_widths, plan["per_site"], 1,
                                           "random-attention")
     sets["random-hspace"] = random_set(dset_module, model_entry, {"h_space": sets["hspace-pca"].sites["h_space"].width},

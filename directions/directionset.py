@@ -97,6 +97,10 @@ def validate(dset: DirectionSet) -> None:
         json.dumps(dset.params, allow_nan=False)
     except (TypeError, ValueError) as err:
         raise DirectionError(f"params must be JSON values with finite numbers ({err})") from None
+    if dset.params.get("alpha_unit", "site") not in ("site", "pair"):
+        raise DirectionError(f"params: alpha_unit must be 'site' or 'pair', got {dset.params['alpha_unit']!r}")
+    if dset.params.get("alpha_unit") == "pair" and any(site.gains is None for site in dset.sites.values()):
+        raise DirectionError("a pair's directions need their gains (the pair's strength at each site)")
     if not isinstance(dset.pack_version, str):
         raise DirectionError("pack_version must be a string")
 
@@ -124,7 +128,8 @@ def _validate_site(name: str, site: SiteDirections) -> None:
 
 def describe(dset: DirectionSet) -> str:
     """A short human summary: method, model family and each site's count and width."""
-    lines = [f"{dset.method} directions for {dset.model['family']} ({len(dset.sites)} site"
+    named = f" '{dset.params['source']}' -> '{dset.params['target']}'" if "target" in dset.params else ""
+    lines = [f"{dset.method} directions{named} for {dset.model['family']} ({len(dset.sites)} site"
              f"{'s' if len(dset.sites) != 1 else ''}, pack {dset.pack_version})"]
     lines += [f"{name}: {site.count} x {site.width}" for name, site in dset.sites.items()]
     return "\n".join(lines)

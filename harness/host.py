@@ -26,7 +26,8 @@ PACK_DIR_NAME = "comfyui-semantic-directions"
 PACK_MODULE = "semantic_directions"
 PACK_NODES = {"SaveDirections", "LoadDirections", "DiscoverAttentionEigendirections", "ApplyDirection",
               "AsyrpSampler", "LabelledImageGrid", "DDIMInvert", "DDIMInversionSampler", "SVDLatentAttribute",
-              "SVDLatentExplore", "SVDLatentAnalysis"}
+              "SVDLatentExplore", "SVDLatentAnalysis", "DirectionsFromSamples", "DirectionFromPromptPair",
+              "DirectionFromExamplePair"}
 TEST_NODES_DIR_NAME = "semdir_test_nodes"
 TEST_NODES_SHIM = "from harness.test_nodes import NODE_CLASS_MAPPINGS  # noqa: F401  (the development harness)\n"
 

@@ -99,7 +99,8 @@ class ApplyDirection:
                       "(e.g. 'input_blocks.7' or 'h_space')."}),
             "alpha": ("FLOAT", {"default": 0.5, "min": -100.0, "max": 100.0, "step": 0.01, "tooltip":
                       "Strength: shift length as a fraction of the site's RMS token norm (0.1 subtle, "
-                      "1 a whole token). Negative reverses the edit; 0 leaves the model exactly as it was."}),
+                      "1 a whole token); for a pair's direction, a fraction of the pair's difference (1 the whole "
+                      "of it). Negative reverses the edit; 0 leaves the model exactly as it was."}),
             "start_percent": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.001, "tooltip":
                               "Where the edit starts, in model time (0 = first step, highest noise), as in "
                               "ConditioningSetTimestepRange."}),
@@ -134,7 +135,7 @@ class ApplyDirection:
                 raise ValueError(f"mask: {mask.shape[0]} masks but alpha_list has {len(alphas)} values; give one "
                                  f"mask, or one per image")
         sampling = host.model_sampling(model)
-        edit = DirectionEdit({s: directions.sites[s].vectors[index].clone() for s in sites}, alphas,
+        edit = DirectionEdit({s: shift_unit(directions, s, index) for s in sites}, alphas,
                              sampling.percent_to_sigma(start_percent), sampling.percent_to_sigma(end_percent), mask)
         patched = model.clone()
         attention_sites = {host.block_key(s): s for s in sites if site_kind(s) == ATTN1}
@@ -143,6 +144,13 @@ class ApplyDirection:
         if HSPACE in sites:
             patched.set_model_output_block_patch(HSpacePatch(edit, host.PASSES[apply_to]))
         return (patched,)
+
+
+def shift_unit(directions, site: str, index: int):
+    """The shift alpha 1 makes (times the site's RMS token norm): the unit direction, or for a pair's
+    direction the pair's whole difference (its gain, the natural strength)."""
+    vector = directions.sites[site].vectors[index].clone()
+    return vector * directions.sites[site].gains[index] if directions.params.get("alpha_unit") == "pair" else vector
 
 
 def as_mask_batch(mask):

@@ -11,11 +11,15 @@ import torch
 
 import comfy.k_diffusion.sampling
 import comfy.lora
+import comfy.model_management
 import comfy.model_sampling
+import comfy.sample
+import comfy.samplers
+import comfy.utils
 
 from ..directions.apply import Rows
 from ..directions.attention import AttentionWeights
-from ..directions.directionset import model_fingerprint
+from ..directions.directionset import HSPACE, model_fingerprint
 
 SUPPORTED_FAMILIES = "SD1.x, SD2.x, SDXL and other UNets of the same block structure"
 GROUPS = {"all": "", "input": "input_blocks", "middle": "middle_block", "output": "output_blocks"}
@@ -114,6 +118,44 @@ def block_key(path: str):
                          f"output blocks")
     kind, _, index = match["block"].partition(".")
     return kind.removesuffix("_blocks").removesuffix("_block"), int(index or 0), int(match["index"])
+
+
+def site_paths(patcher) -> list:
+    """Every site a direction can be recorded or applied at: the attn1 layers, then h-space."""
+    return [*attention_layers(patcher), HSPACE]
+
+
+def sampling_inputs() -> dict:
+    """KSampler's sampling inputs, as the host lists them (its samplers and schedulers)."""
+    return {
+        "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip":
+                 "The noise seed (each image of the latent batch gets its own noise, as in KSampler)."}),
+        "add_noise": (["enable", "disable"], {"default": "enable", "tooltip":
+                      "enable: sample from the seed's noise. disable: the latent is already noise, e.g. DDIM "
+                      "Invert's output, so its images are sampled back."}),
+        "steps": ("INT", {"default": 20, "min": 1, "max": 10000, "tooltip": "Sampling steps, as in KSampler."}),
+        "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01, "tooltip":
+                "Guidance scale, as in KSampler (the conditional pass is what is recorded)."}),
+        "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"tooltip": "The sampler, as in KSampler."}),
+        "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"tooltip": "The scheduler, as in KSampler."}),
+    }
+
+
+def sample(patcher, latent: dict, positive, negative, seed: int, add_noise: bool, steps: int, cfg: float,
+           sampler_name: str, scheduler: str, progress=None) -> torch.Tensor:
+    """KSampler(Advanced)'s sampling of ``latent`` (its batch_index and noise mask honoured), without
+    previews; ``progress`` (a ProgressBar) advances a step at a time, and cancelling stops it."""
+    samples = comfy.sample.fix_empty_latent_channels(patcher, latent["samples"])
+    noise = (comfy.sample.prepare_noise(samples, seed, latent.get("batch_index")) if add_noise
+             else torch.zeros(samples.shape, dtype=samples.dtype, layout=samples.layout, device="cpu"))
+
+    def step(*_):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        if progress is not None:
+            progress.update(1)
+    return comfy.sample.sample(patcher, noise, steps, cfg, sampler_name, scheduler, positive, negative, samples,
+                               disable_noise=not add_noise, force_full_denoise=True,
+                               noise_mask=latent.get("noise_mask"), callback=step, disable_pbar=True, seed=seed)
 
 
 def hspace_width(patcher) -> int:

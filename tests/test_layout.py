@@ -146,7 +146,7 @@ def test_math_doc_is_cited_from_the_library():
     """The library points readers at its derivations (and the citation test above checks each one)."""
     cited = {path.name for path, text in repository_texts()
              if path.parent.name == "directions" and "docs/math.md" in text}
-    assert {"attention.py", "apply.py", "asyrp.py", "inversion.py", "svd.py", "hspace.py"} <= cited
+    assert {"attention.py", "apply.py", "asyrp.py", "inversion.py", "svd.py", "activations.py"} <= cited
 
 
 @pytest.mark.parametrize("folder", CODE_FOLDERS)

@@ -1,0 +1,175 @@
+"""Directions from samples and pairs on the tiny UNet, through the host's own sampling."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from directions_testing import orthonormal
+from semantic_directions.directions.directionset import DirectionSet, SiteDirections, describe
+from semantic_directions.nodes.host import made_for
+
+SITE_7 = "input_blocks.7.1.transformer_blocks.0.attn1"
+
+
+def conditioning(seed, length=77):
+    return [[torch.randn(1, length, 32, generator=torch.Generator().manual_seed(seed)), {}]]
+
+
+def latent(batch):
+    return {"samples": torch.zeros(batch, 4, 8, 8)}
+
+
+SAMPLING = {"seed": 3, "add_noise": "enable", "steps": 4, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal"}
+
+
+@pytest.fixture(scope="module")
+def kit(host):
+    from harness.test_nodes.unets import build_unet
+    registry = host.nodes.NODE_CLASS_MAPPINGS
+    return (build_unet("sd15", seed=0), registry["DirectionsFromSamples"](), registry["DirectionFromPromptPair"](),
+            registry["DirectionFromExamplePair"](), registry["ApplyDirection"]())
+
+
+def pca(node, model, batch=8, site="h_space", count=3, start=0.0, end=1.0, **sampling):
+    return node.directions(model, conditioning(1), conditioning(2), latent(batch), **{**SAMPLING, **sampling},
+                           site=site, start_percent=start, end_percent=end, count=count)
+
+
+@pytest.mark.parametrize("site", ["h_space", SITE_7])
+def test_pca_recovers_a_direction_planted_in_the_activations(kit, site):
+    """Apply Direction adds a different multiple of one vector to each image's tokens at the site: that
+    vector is then the activations' main direction of variation."""
+    model, pca_node, _, _, apply_node = kit
+    planted = orthonormal(1, 128, 5)  # both sites are 128 wide in the tiny SD1.5 UNet
+    dset = DirectionSet(sites={site: SiteDirections(planted)}, method="test", model=made_for(model))
+    alphas = "-9, -6, -3, 0, 3, 6, 9, 12"
+    patched = apply_node.apply(model, dset, 0, "all", 0.0, 0.0, 1.0, "both", alpha_list=alphas)[0]
+    found, samples = pca(pca_node, patched, site=site)
+    assert samples["samples"].shape == (8, 4, 8, 8)
+    vectors = found.sites[site].vectors
+    assert abs(float(vectors[0] @ planted[0])) > 0.99  # spread along it: 6.9 RMS token norms
+    unplanted = pca(pca_node, model, site=site)[0].sites[site].vectors
+    assert abs(float(unplanted[0] @ planted[0])) < 0.5
+
+
+def test_pca_is_deterministic_for_a_seed_and_records_every_chosen_site(kit):
+    model, pca_node, *_ = kit
+    first, second = pca(pca_node, model, site="h_space, input_blocks.7"), pca(pca_node, model, site="h_space, input_blocks.7")
+    assert list(first[0].sites) == [SITE_7, "h_space"]
+    for site in first[0].sites:
+        assert torch.equal(first[0].sites[site].vectors, second[0].sites[site].vectors)
+    other = pca(pca_node, model, site="h_space", seed=4)[0]
+    assert not torch.equal(other.sites["h_space"].vectors, first[0].sites["h_space"].vectors)
+
+
+def recorded_independently(model, prompt, site):
+    """Each sampling call's site tokens, averaged over positions, by a forward hook on the host's own module
+    (cfg 1: the conditional rows only), with the RMS token norm; sampled as the node samples."""
+    import comfy.sample
+    unet = model.model.diffusion_model
+    features, norms = [], []
+
+    def keep(tokens):
+        features.append(tokens.double().mean(1))
+        norms.append(tokens.double().pow(2).sum(-1).mean(-1).sqrt())
+    if site == "h_space":
+        handle = unet.middle_block[-1].register_forward_hook(lambda m, a, out: keep(out.flatten(2).transpose(1, 2)))
+    else:
+        handle = unet.get_submodule(site).register_forward_pre_hook(lambda m, args: keep(args[0]))
+    try:
+        samples = latent(4)["samples"]
+        noise = comfy.sample.prepare_noise(samples, SAMPLING["seed"])
+        comfy.sample.sample(model, noise, 4, 1.0, "euler", "normal", prompt, conditioning(2), samples, seed=3)
+    finally:
+        handle.remove()
+    return torch.stack(features), torch.stack(norms)
+
+
+@pytest.mark.parametrize("site", ["h_space", SITE_7])
+def test_the_prompt_pair_direction_is_the_mean_difference_recorded_independently(kit, site):
+    model, _, pair_node, _, _ = kit
+    dset, source_samples, target_samples = pair_node.direction(
+        model, conditioning(1), conditioning(7), conditioning(2), latent(4), **SAMPLING, site=site,
+        start_percent=0.0, end_percent=1.0, source_name="neutral", target_name="smiling")
+    (source, source_norms), (target, target_norms) = (recorded_independently(model, conditioning(c), site) for c in (1, 7))
+    difference = target.mean((0, 1)) - source.mean((0, 1))
+    scale = (source_norms.mean() + target_norms.mean()) / 2
+    found = dset.sites[site]
+    # float32 activations averaged in float64 on both sides: agreement to float32 rounding
+    assert torch.allclose(found.vectors[0].double(), F.normalize(difference, dim=0), atol=1e-5)
+    assert float(found.gains[0]) == pytest.approx(float(difference.norm() / scale), rel=1e-5)
+    assert not torch.equal(source_samples["samples"], target_samples["samples"])
+    assert dset.params["alpha_unit"] == "pair" and "'neutral' -> 'smiling'" in describe(dset)
+
+
+def test_alpha_one_applies_the_pairs_whole_difference(kit):
+    """A pair's set at alpha a samples exactly as its unit direction at alpha a * strength."""
+    model, _, pair_node, _, apply_node = kit
+    import comfy.sample
+    dset = pair_node.direction(model, conditioning(1), conditioning(7), conditioning(2), latent(1), **SAMPLING,
+                               site=SITE_7, start_percent=0.0, end_percent=1.0, source_name="a", target_name="b")[0]
+    unit = DirectionSet(sites={SITE_7: SiteDirections(dset.sites[SITE_7].vectors)}, method="test", model=dset.model)
+    strength = float(dset.sites[SITE_7].gains[0])
+
+    def sampled(directions, alpha):
+        patched = apply_node.apply(model, directions, 0, "all", alpha, 0.0, 1.0, "both")[0]
+        noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+        return comfy.sample.sample(patched, noise, 4, 1.0, "euler", "normal", conditioning(1), conditioning(2),
+                                   torch.zeros(1, 4, 8, 8), seed=0)
+    pair_image, unit_image = sampled(dset, 0.7), sampled(unit, 0.7 * strength)
+    # the same shift up to float32 rounding of the vector's scaling, carried through four steps
+    assert torch.allclose(pair_image, unit_image, atol=1e-5 * float(unit_image.abs().max()))
+    assert not torch.allclose(pair_image, sampled(unit, 0.7), atol=1e-3)
+
+
+def test_the_example_pair_records_two_batches_of_different_sizes(kit):
+    model, _, _, example_node, _ = kit
+    without = {"samples": torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))}
+    with_attribute = {"samples": torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2)) + 1.0}
+    dset = example_node.direction(model, conditioning(1), conditioning(2), without, with_attribute,
+                                  **{**SAMPLING, "add_noise": "disable"}, site="h_space", start_percent=0.0,
+                                  end_percent=1.0, without_name="plain", with_name="bright")[0]
+    assert dset.method == "pair-examples" and dset.params["images"] == [3, 2]
+    assert dset.sites["h_space"].count == 1 and float(dset.sites["h_space"].gains[0]) > 0
+
+
+def test_progress_and_cancel(kit):
+    import comfy.model_management
+    import comfy.utils
+    model, pca_node, *_ = kit
+    updates = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, **kw: updates.append((value, total)))
+    try:
+        pca(pca_node, model)
+        assert updates[-1] == (4, 4)
+        comfy.model_management.interrupt_current_processing(True)
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            pca(pca_node, model)
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+        comfy.utils.set_progress_bar_global_hook(None)
+
+
+def test_bad_inputs_get_one_line_errors(kit):
+    model, pca_node, pair_node, example_node, _ = kit
+
+    def refused(match, call):
+        with pytest.raises(ValueError, match=match) as caught:
+            call()
+        assert "\n" not in str(caught.value)
+    refused(r"target: its conditioning has shape \[\[1, 154, 32\]\] but the source's \[\[1, 77, 32\]\]",
+            lambda: pair_node.direction(model, conditioning(1), conditioning(7, 154), conditioning(2), latent(2),
+                                        **SAMPLING, site="h_space", start_percent=0.0, end_percent=1.0,
+                                        source_name="a", target_name="b"))
+    refused("latent: principal directions need a batch of at least 2 images", lambda: pca(pca_node, model, batch=1))
+    refused("without: the latent batch is empty",
+            lambda: example_node.direction(model, conditioning(1), conditioning(2), latent(0), latent(2),
+                                           **SAMPLING, site="h_space", start_percent=0.0, end_percent=1.0,
+                                           without_name="a", with_name="b"))
+    refused("start_percent, end_percent: no sampling step fell inside this range",
+            lambda: pca(pca_node, model, start=0.5, end=0.5))
+    refused(r"start_percent \(0.8\) is after end_percent \(0.2\)", lambda: pca(pca_node, model, start=0.8, end=0.2))
+    refused("site: 'output_blocks.99' names none of the layers here",
+            lambda: pca(pca_node, model, site="output_blocks.99"))
+    refused("latent: the latent's values hold NaN", lambda: pca_node.directions(
+        model, conditioning(1), conditioning(2), {"samples": torch.full((2, 4, 8, 8), float("nan"))}, **SAMPLING,
+        site="h_space", start_percent=0.0, end_percent=1.0, count=2))
