@@ -233,8 +233,9 @@ def asyrp_edit(registry) -> Graph:
         columns += [guider, sample, decoded, g.add("SaveImage", (7, row * 420), images=decoded["IMAGE"],
                                                    filename_prefix=f"semdir_asyrp_{name}")]
     notes = [
-        g.note("**1. Discover and apply** a direction at an encoder layer (or at `h_space`, from a direction "
-               "file with an h_space site), on the first half of sampling.", (2, -220)),
+        g.note("**1. Discover and apply** a direction at an encoder layer, on the first half of sampling. For "
+               "h-space (`h_space`), take directions from Directions From Samples or a pair node (see the "
+               "named_direction workflow).", (2, -220)),
         g.note("**2. Asyrp Sampler**: on the edited steps x0 comes from the edited model and the noise direction "
                "from the unedited one, in one batched UNet call; elsewhere it is plain DDIM. The unedited row "
                "uses the same noise and sampler.", (3, -220)),
@@ -343,6 +344,115 @@ def save_and_reuse(registry) -> Graph:
     return g
 
 
+def named_direction(registry) -> Graph:
+    """Workflow 7: a prompt pair sampled on the same seeds gives a named h-space direction; the Asyrp
+    Sampler renders its sweep on a new seed, labelled."""
+    g = Graph(registry)
+    checkpoint = g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=SD15_CHECKPOINT)
+    source = g.add("CLIPTextEncode", (1, 0), "Source prompt", clip=checkpoint["CLIP"],
+                   text="a portrait photo of a person, neutral expression, natural light")
+    target = g.add("CLIPTextEncode", (1, 260), "Target prompt (the attribute)", clip=checkpoint["CLIP"],
+                   text="a portrait photo of a person, smiling, natural light")
+    negative = g.add("CLIPTextEncode", (1, 520), "Negative prompt", clip=checkpoint["CLIP"], text=NEGATIVE)
+    seeds = g.add("EmptyLatentImage", (1, 780), width=512, height=512, batch_size=8)
+    pair = g.add("DirectionFromPromptPair", (2, 0), model=checkpoint["MODEL"], source=source["CONDITIONING"],
+                 target=target["CONDITIONING"], negative=negative["CONDITIONING"], latent=seeds["LATENT"], seed=1,
+                 add_noise="enable", steps=20, cfg=7.0, sampler_name="ddim", scheduler="normal", site="h_space",
+                 start_percent=0.0, end_percent=0.6, source_name="neutral", target_name="smiling")
+    previews = []
+    for row, name in enumerate(("source_samples", "target_samples")):
+        decoded = g.add("VAEDecode", (2, 620 + row * 380), f"Pair: {name.split('_')[0]}", samples=pair[name],
+                        vae=checkpoint["VAE"])
+        previews += [decoded, g.add("PreviewImage", (3, 620 + row * 380), images=decoded["IMAGE"])]
+    edit = g.add("ApplyDirection", (4, 0), model=checkpoint["MODEL"], directions=pair["directions"], index=0,
+                 layer="h_space", alpha=1.0, start_percent=0.0, end_percent=0.6, apply_to="both", alpha_list=SWEEP)
+    noise = g.add("RandomNoise", (5, 0), noise_seed=1234)
+    asyrp = g.add("AsyrpSampler", (5, 140), boost_eta=0.0, boost_start_percent=0.8)
+    schedule = g.add("BasicScheduler", (5, 280), model=checkpoint["MODEL"], scheduler="normal", steps=20, denoise=1.0)
+    latent = g.add("EmptyLatentImage", (6, 0), width=512, height=512, batch_size=5)
+    same_noise = g.add("LatentBatchSeedBehavior", (6, 180), samples=latent["LATENT"], seed_behavior="fixed")
+    guider = g.add("CFGGuider", (6, 340), model=edit["MODEL"], positive=source["CONDITIONING"],
+                   negative=negative["CONDITIONING"], cfg=7.0)
+    sample = g.add("SamplerCustomAdvanced", (7, 0), noise=noise["NOISE"], guider=guider["GUIDER"],
+                   sampler=asyrp["SAMPLER"], sigmas=schedule["SIGMAS"], latent_image=same_noise["LATENT"])
+    decoded = g.add("VAEDecode", (8, 0), samples=sample["output"], vae=checkpoint["VAE"])
+    grid = g.add("LabelledImageGrid", (8, 160), images=decoded["IMAGE"], labels="neutral, -0.5, 0, 0.5, smiling",
+                 columns=0)
+    save = g.add("SaveImage", (9, 0), images=grid["IMAGE"], filename_prefix="semdir_named")
+    notes = [
+        g.note("**1. A prompt pair**: the same prompt without and with the attribute. Both are sampled on the same "
+               "8 seeds, so they differ only by the attribute.", (1, -220)),
+        g.note("**2. Direction From Prompt Pair** records h-space (the middle block's output) over the range you "
+               "will edit in and returns the mean difference, named. alpha 1 moves h-space by the whole "
+               "difference. The previews show both batches.", (2, -220)),
+        g.note("**3. Sweep on a new seed** with the Asyrp Sampler (h-space edits need it): alpha -1 to 1 along "
+               "the batch, all from one noise (RandomNoise + LatentBatchSeedBehavior fixed).", (6, -220)),
+    ]
+    g.group("1. Prompt pair", checkpoint, source, target, negative, seeds, notes[0])
+    g.group("2. Named direction", pair, *previews, notes[1])
+    g.group("3. Sweep with the Asyrp Sampler", edit, noise, asyrp, schedule, latent, same_noise, guider, sample,
+            decoded, grid, save, notes[2])
+    return g
+
+
+EXAMPLES = {"without": ("neutral_1.png", "neutral_2.png"), "with_attribute": ("smiling_1.png", "smiling_2.png")}
+
+
+def directions_from_examples(registry) -> Graph:
+    """Workflow 8: photos without and with an attribute, inverted, give a pair direction at h-space, applied
+    to a third inverted photo as a sweep with the Asyrp Sampler."""
+    g = Graph(registry)
+    checkpoint = g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=SD15_CHECKPOINT)
+    describe = g.add("CLIPTextEncode", (1, 0), "Describe the photos", clip=checkpoint["CLIP"],
+                     text="a portrait photo of a person")
+    empty = g.add("CLIPTextEncode", (1, 260), "Empty negative", clip=checkpoint["CLIP"], text="")
+
+    def inverted(images, at, title):
+        loaded = [g.add("LoadImage", (at[0], at[1] + 420 * i), image=name) for i, name in enumerate(images)]
+        batch = g.add("ImageBatch", (at[0] + 1, at[1]), image1=loaded[0]["IMAGE"], image2=loaded[1]["IMAGE"]) \
+            if len(loaded) == 2 else None
+        encoded = g.add("VAEEncode", (at[0] + 1, at[1] + 140), pixels=(batch or loaded[0])["IMAGE"],
+                        vae=checkpoint["VAE"])
+        invert = g.add("DDIMInvert", (at[0] + 2, at[1]), f"Invert: {title}", model=checkpoint["MODEL"],
+                       latent=encoded["LATENT"], steps=30, scheduler="normal", cfg=1.0, refine=2,
+                       positive=describe["CONDITIONING"])
+        return [*loaded, *([batch] if batch else []), encoded, invert], invert
+    without_nodes, without = inverted(EXAMPLES["without"], (2, 0), "neutral")
+    with_nodes, with_attribute = inverted(EXAMPLES["with_attribute"], (2, 860), "smiling")
+    pair = g.add("DirectionFromExamplePair", (5, 0), model=checkpoint["MODEL"], positive=describe["CONDITIONING"],
+                 negative=empty["CONDITIONING"], without=without["latent"], with_attribute=with_attribute["latent"],
+                 seed=0, add_noise="disable", steps=30, cfg=1.0, sampler_name="ddim", scheduler="normal",
+                 site="h_space", start_percent=0.0, end_percent=0.6, without_name="neutral", with_name="smiling")
+    third_nodes, third = inverted(("edit_me.png",), (2, 2000), "the photo to edit")
+    copies = g.add("RepeatLatentBatch", (5, 2000), samples=third["latent"], amount=5)
+    edit = g.add("ApplyDirection", (6, 2000), model=checkpoint["MODEL"], directions=pair["directions"], index=0,
+                 layer="h_space", alpha=1.0, start_percent=0.0, end_percent=0.6, apply_to="both", alpha_list=SWEEP)
+    asyrp = g.add("AsyrpSampler", (6, 2240), boost_eta=0.0, boost_start_percent=0.8)
+    schedule = g.add("BasicScheduler", (6, 2380), model=checkpoint["MODEL"], scheduler="normal", steps=30, denoise=1.0)
+    sample = g.add("SamplerCustom", (7, 2000), model=edit["MODEL"], add_noise=False, noise_seed=0, cfg=1.0,
+                   positive=describe["CONDITIONING"], negative=empty["CONDITIONING"], sampler=asyrp["SAMPLER"],
+                   sigmas=schedule["SIGMAS"], latent_image=copies["LATENT"])
+    decoded = g.add("VAEDecode", (8, 2000), samples=sample["output"], vae=checkpoint["VAE"])
+    grid = g.add("LabelledImageGrid", (8, 2160), images=decoded["IMAGE"], labels="neutral, -0.5, 0, 0.5, smiling",
+                 columns=0)
+    save = g.add("SaveImage", (9, 2000), images=grid["IMAGE"], filename_prefix="semdir_from_examples")
+    notes = [
+        g.note("**1. Examples**: two or more photos without the attribute and two or more with it (ImageBatch "
+               "takes more), inverted with the unedited model at cfg 1. More examples average out everything "
+               "else they differ in.", (2, -220)),
+        g.note("**2. Direction From Example Pair** samples both inverted batches back (add_noise: disable, the "
+               "inversion's steps and scheduler, ddim, cfg 1) and returns the h-space difference between them, "
+               "named.", (5, -220)),
+        g.note("**3. The photo to edit**, inverted, five copies: the Asyrp Sampler (SamplerCustom, add_noise off) "
+               "renders alpha -1 to 1; alpha 0 is its reconstruction.", (6, 1760)),
+    ]
+    g.group("1. Examples, inverted", checkpoint, describe, empty, *without_nodes, *with_nodes, notes[0])
+    g.group("2. Pair direction", pair, notes[1])
+    g.group("3. Apply to another photo", *third_nodes, copies, edit, asyrp, schedule, sample, decoded, grid, save,
+            notes[2])
+    return g
+
+
 WORKFLOW_BUILDERS = {
     "discover_and_sweep": discover_and_sweep,
     "edit_real_image": edit_real_image,
@@ -350,6 +460,8 @@ WORKFLOW_BUILDERS = {
     "svd_attribute": svd_attribute,
     "sdxl_discover_and_sweep": lambda registry: discover_and_sweep(registry, SDXL_CHECKPOINT, 1024, "SDXL"),
     "save_and_reuse": save_and_reuse,
+    "named_direction": named_direction,
+    "directions_from_examples": directions_from_examples,
 }
 
 

@@ -14,7 +14,8 @@ TINY_SIZE = 128  # pixels: a 16 x 16 latent, as many singular vectors as the SVD
 # Every step count a third of the workflow's, start and end steps alike (the SVD workflow's 12, 6 and 18 of 30
 # become 4, 2 and 6 of 10; DDIM Invert and its sampling back keep equal counts): the graphs are under test here.
 STEP_DIVISOR = 3
-STEPPED = {"KSampler", "KSamplerAdvanced", "BasicScheduler", "DDIMInvert"}
+STEPPED = {"KSampler", "KSamplerAdvanced", "BasicScheduler", "DDIMInvert", "DirectionsFromSamples",
+           "DirectionFromPromptPair", "DirectionFromExamplePair"}
 TO_THE_END = 10000  # end_at_step's "to the last step"
 
 
@@ -45,8 +46,10 @@ def output_nodes(prompt: dict, registry) -> list:
 def run_everything(host, workflow: dict) -> dict:
     """Runs the workflow on the tiny model; every output node must produce output."""
     registry = host.nodes.NODE_CLASS_MAPPINGS
-    write_photo(host)
     prompt = tiny_prompt(workflow, registry)
+    for node in prompt.values():
+        if node["class_type"] == "LoadImage":
+            write_photo(host, node["inputs"]["image"])
     outputs = host.run(prompt, cached=False)
     silent = [f"{node_id} ({prompt[node_id]['class_type']})" for node_id in output_nodes(prompt, registry)
               if not any(outputs.get(node_id, {}).values())]
@@ -92,9 +95,11 @@ def test_converter_reads_the_front_ends_own_saved_workflows(host):
 
 
 def write_photo(host, name="example.png", size=64):
+    """A smooth test photo; each name gets its own (a different stripe frequency), example.png the first."""
+    frequency = 12 + sum(name.encode()) % 7 if name != "example.png" else 12
     pixels = np.linspace(0, 1, size)
     image = np.stack([np.broadcast_to(pixels[None, :], (size, size)), np.broadcast_to(pixels[:, None], (size, size)),
-                      0.5 + 0.4 * np.sin(np.broadcast_to(pixels[None, :], (size, size)) * 12)], axis=-1)
+                      0.5 + 0.4 * np.sin(np.broadcast_to(pixels[None, :], (size, size)) * frequency)], axis=-1)
     Image.fromarray((image * 255).round().astype(np.uint8)).save(host.base / "input" / name)
 
 
@@ -157,7 +162,38 @@ def check_discover_and_sweep(host, workflow, outputs):
     assert max(differences) <= 2, differences  # batched arithmetic may round one step apart; other noise differs by far more
 
 
-EXTRA_CHECKS = {"discover_and_sweep.json": check_discover_and_sweep, "edit_real_image.json": check_edit_real_image, "save_and_reuse.json": check_save_and_reuse}
+def grid_tiles(host, workflow, outputs, count=5):
+    save = next(str(node["id"]) for node in workflow["nodes"] if node["type"] == "SaveImage")
+    grid = saved(host, outputs, save)
+    return [grid[24:, i * grid.shape[1] // count:(i + 1) * grid.shape[1] // count] for i in range(count)]
+
+
+def check_named_direction(host, workflow, outputs):
+    """The named direction changes the image along the sweep (alpha -1, -0.5, 0, 0.5, 1), the more the larger
+    |alpha| (on the tiny random model the change is small, but beyond the 8-bit rounding of one level)."""
+    tiles = grid_tiles(host, workflow, outputs)
+    change = [float(np.abs(tile - tiles[2]).mean()) for tile in tiles]
+    assert change[0] > change[1] > 0 and change[4] > change[3] > 0, change
+    assert np.abs(tiles[0] - tiles[2]).max() > 2 and np.abs(tiles[4] - tiles[2]).max() > 2
+
+
+def check_directions_from_examples(host, workflow, outputs):
+    """The middle tile (alpha 0) reconstructs the photo to edit; the ends of the sweep differ from it."""
+    tiles = grid_tiles(host, workflow, outputs)
+    round_trip = host.run({
+        "c": {"class_type": TINY_CHECKPOINT[0], "inputs": dict(TINY_CHECKPOINT[1])},
+        "i": {"class_type": "LoadImage", "inputs": {"image": "edit_me.png"}},
+        "e": {"class_type": "VAEEncode", "inputs": {"pixels": ["i", 0], "vae": ["c", 2]}},
+        "d": {"class_type": "VAEDecode", "inputs": {"samples": ["e", 0], "vae": ["c", 2]}},
+        "s": {"class_type": "SaveImage", "inputs": {"images": ["d", 0], "filename_prefix": "round_trip"}},
+    }, cached=False)
+    reference = saved(host, round_trip, "s")
+    assert psnr(tiles[2], reference) > 30
+    assert np.abs(tiles[0] - tiles[2]).max() > 5 and np.abs(tiles[4] - tiles[2]).max() > 5
+
+
+EXTRA_CHECKS = {"named_direction.json": check_named_direction,
+                "directions_from_examples.json": check_directions_from_examples, "discover_and_sweep.json": check_discover_and_sweep, "edit_real_image.json": check_edit_real_image, "save_and_reuse.json": check_save_and_reuse}
 
 
 @pytest.mark.parametrize("name", sorted(path.name for path in WORKFLOWS.glob("*.json")))
