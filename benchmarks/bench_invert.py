@@ -26,27 +26,12 @@ import time
 
 import torch
 
-from benchmarks.common import arguments, report, start_host
+from benchmarks.common import UNetRows, arguments, report, start_host
 from harness.inversion import fixed_point_sampler, invert_with, sample_back, schedule, unsample
 
 STEPS, LATENT = 50, 16
 REFINES = (0, 1, 2, 3)
 TRAINED_STEPS, TRAINED_SCHEDULERS, TRAINED_IMAGES = (20, 50), ("normal", "karras"), 8
-
-
-class UNetRows:
-    """Counts the rows the UNet evaluates: a row is one model call for one image."""
-
-    def __init__(self, patcher):
-        self.unet, self.rows = patcher.model.diffusion_model, 0
-
-    def __enter__(self):
-        self.rows = 0
-        self.hook = self.unet.register_forward_hook(lambda m, i, o: setattr(self, "rows", self.rows + i[0].shape[0]))
-        return self
-
-    def __exit__(self, *exc):
-        self.hook.remove()
 
 
 def relative_error(back, original):

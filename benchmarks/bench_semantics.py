@@ -4,8 +4,12 @@ on cartoon faces drawn from seven known factors, and a regressor that reads the 
 Every direction is swept on the same seeds over alphas inside the linear regime (LINEAR_ALPHAS, finer
 for h-space; alpha is the shift in units of the site's RMS token norm, so every direction perturbs by the same
 norm), through the host's real nodes: attention eigendirections (whitened, value, qkv-stack) at
-every self-attention site, sampled with ddim; h-space principal directions, sampled with the pack's
-Asyrp Sampler (h-space edits need it); random unit directions at the same sites, as many, with the
+every self-attention site, sampled with ddim; h-space principal directions (the pack's Directions From
+Samples node), sampled with the pack's Asyrp Sampler (h-space edits need it); example-pair directions per
+factor at every site (the pack's Direction From Example Pair on inverted held-out faces with the factor high
+against low), with each factor's best site reported against random and the ceiling (``pair_named``);
+Jacobian directions at every site (the pack's Directions From Image on one held-out face), each site's best
+over the whitened eigendirections' best (``jacobian_over_whitened``); random unit directions at the same sites, as many, with the
 same sampler; and the site's ceiling: supervised directions from the gradient of each factor's
 reading through the whole sampling (``strongest``: the gradient; ``pure``: the gradient with the
 other factors' gradients projected out), measured like every other direction. Per direction, all
@@ -47,10 +51,13 @@ STEPS, BASE_SEED = 20, 1000
 LINEAR_ALPHAS = {"attention": (-0.5, -0.25, -0.1, 0.1, 0.25, 0.5), "hspace": (-0.1, -0.05, -0.02, 0.02, 0.05, 0.1)}
 SATURATION = (-4.0, -2.0, -1.0, 1.0, 2.0, 4.0)  # multiples of the family's largest linear alpha, for the picture
 HELD_OUT_SEED = 303  # neither the model's nor the regressor's images
-FULL = {"seeds": 16, "per_site": 4, "hspace": 8, "held_out": 16, "oracle_faces": 16, "samples": 32, "sites": None}
-QUICK = {"seeds": 4, "per_site": 2, "hspace": 2, "held_out": 4, "oracle_faces": 2, "samples": 8,
+FULL = {"seeds": 16, "per_site": 4, "hspace": 8, "held_out": 16, "oracle_faces": 16, "samples": 32, "sites": None,
+        "pair_faces": 48}
+QUICK = {"seeds": 4, "per_site": 2, "hspace": 2, "held_out": 4, "oracle_faces": 2, "samples": 8, "pair_faces": 4,
          "sites": ("output_blocks.1.1.transformer_blocks.0.attn1",)}
 HSPACE_SAMPLES = 64
+JACOBIAN_SEED = 505
+PAIR_SEED, PAIR_POOL = 404, 400  # the example pairs' faces: the top and bottom of this many held-out faces per factor
 PICTURE = Path(__file__).resolve().parent / "semantics.jpg"
 QUICK_PICTURE = Path(__file__).resolve().parent.parent / ".cache" / "semantics-quick.jpg"  # not the README's
 RANDOM = {"attention": "random-attention", "hspace": "random-hspace"}
@@ -197,22 +204,45 @@ def random_set(dset_module, model_entry: dict, widths: dict, count: int, seed: i
                                                for site, width in widths.items()}, method)
 
 
-def hspace_set(world, dset_module, hspace_module, model_entry: dict, count: int):
-    """Principal directions of h (the middle block's output, averaged over positions) across samples
-    other than the measured ones."""
-    collected = []
-    hook = world.model.model.diffusion_model.middle_block[-1].register_forward_hook(  # the host calls the layers
-        lambda module, inputs, output: collected.append(output.float().mean((2, 3)).cpu()))
-    try:
-        world.sample(world.model, torch.zeros(HSPACE_SAMPLES, 3, IMAGE_SIZE, IMAGE_SIZE), seed=BASE_SEED + 1)
-    finally:
-        hook.remove()
-    if len(collected) != STEPS:
-        raise RuntimeError(f"h-space: expected one UNet call of the whole batch per step, got {len(collected)} "
-                           f"calls for {STEPS} steps; lower HSPACE_SAMPLES so the host does not split the batch")
-    vectors, spread = hspace_module.principal_directions(torch.stack(collected), count)
-    return dset_module.DirectionSet(sites={"h_space": dset_module.SiteDirections(vectors, spread)},
-                                    method="hspace-pca", model=model_entry)
+def hspace_set(world, count: int):
+    """Principal directions of h-space across samples other than the measured ones, by the pack's Directions
+    From Samples node (the middle block's output averaged over positions, every step)."""
+    node = world.registry["DirectionsFromSamples"]()
+    latent = {"samples": torch.zeros(HSPACE_SAMPLES, 3, IMAGE_SIZE, IMAGE_SIZE)}
+    return node.directions(world.model, world.conditioning, world.conditioning, latent, BASE_SEED + 1, "enable",
+                           STEPS, 1.0, "ddim", "normal", "h_space", 0.0, 1.0, count)[0]
+
+
+def jacobian_set(world, count: int):
+    """The pack's Directions From Image (Jacobian) at every site, for one held-out face noised to 0.3 of the
+    schedule (where structure edits start), ``count`` per site: measured on the generated seeds like the
+    others, so they are judged as directions of the model, not of that one face."""
+    pixels, _ = dataset(1, JACOBIAN_SEED, IMAGE_SIZE)
+    latent = {"samples": world.vae.encode(torch.from_numpy(pixels).float() / 255)}
+    return world.registry["DirectionsFromImage"]().directions(world.model, world.conditioning, world.conditioning,
+                                                              latent, 0, 0.3, 1.0, "all", count)[0]
+
+
+def pair_set(world, dset_module, model_entry: dict, faces: int, log):
+    """Per factor, the pack's Direction From Example Pair at every site: held-out faces with the factor in the
+    top quarter against faces with it in the bottom quarter (``faces`` each, the other factors as they fall),
+    inverted with DDIM Invert and sampled back as the node records them. One unit direction per factor and
+    site, in FACTORS order (measured in site RMS units like every other direction)."""
+    pixels, factors = dataset(PAIR_POOL, PAIR_SEED, IMAGE_SIZE)
+    invert, pair = world.registry["DDIMInvert"](), world.registry["DirectionFromExamplePair"]()
+    vectors = {}
+    for f, name in enumerate(FACTORS):
+        order = np.argsort(factors[:, f])
+        batches = []
+        for chosen in (order[:faces], order[-faces:]):
+            latent = {"samples": world.vae.encode(torch.from_numpy(pixels[chosen]).float() / 255)}
+            batches.append(invert.invert(world.model, latent, STEPS, "normal", 1.0, 2, world.conditioning)[0])
+        found = pair.direction(world.model, world.conditioning, world.conditioning, *batches, 0, "disable", STEPS,
+                               1.0, "ddim", "normal", "all", 0.0, 1.0, f"low {name}", f"high {name}")[0]
+        for site, directions in found.sites.items():
+            vectors.setdefault(site, []).append(directions.vectors[0])
+        log(f"pair directions for {name}: {len(found.sites)} sites")
+    return unit_set(dset_module, model_entry, {s: torch.stack(v) for s, v in vectors.items()}, "pair")
 
 
 def inverted(world, count: int):
@@ -351,6 +381,31 @@ def site_ceilings(results: Results, meaning: dict, means: dict) -> dict:
     return table
 
 
+def named_pairs(results, means, sets, ceiling_table, resamples) -> dict:
+    """Per factor, its example-pair direction at the site where it moves its named factor most over the best
+    random direction there: that slope, the ratio (with its bootstrap interval), the named factor's purity and
+    that purity over the site's ceiling for the factor; and at how many sites the ratio reaches 5."""
+    named = {}
+    for f, name in enumerate(FACTORS):
+        rows = []
+        for site in sets["pair"].sites:
+            key, random = ("pair", site, f), results.keys(RANDOM[family(site)], site)
+
+            def ratio(m, key=key, random=random, f=f):
+                return abs(float(m[key][f])) / max(effect(m[k]) for k in random)
+            ceiling = ceiling_table.get(site, {}).get(name)
+            rows.append({"site": site, "named_slope": round(float(means[key][f]), 4),
+                         "ratio_vs_random": round(ratio(means), 2), "ratio": ratio,
+                         "purity": round(purity(means[key], f), 3),
+                         "purity_vs_ceiling": round(purity(means[key], f) / max(ceiling["purity"], 1e-12), 3)
+                         if ceiling else None})
+        best = max(rows, key=lambda r: r["ratio_vs_random"])
+        named[name] = {**{k: v for k, v in best.items() if k != "ratio"},
+                       "ratio_ci95": [round(v, 2) for v in results.bootstrap(best["ratio"], resamples)],
+                       "sites_at_5x_random": sum(r["ratio_vs_random"] >= 5 for r in rows)}
+    return named
+
+
 def main():
     args = arguments(__doc__, quick=True)
     plan = QUICK if args.quick else FULL
@@ -362,7 +417,7 @@ def main():
         timings[name], started[0] = round(now - started[0], 1), now
     host = start_host(args.device)
     world = World(host, plan["seeds"])
-    from semantic_directions.directions import activations, directionset as dset_module
+    from semantic_directions.directions import directionset as dset_module
     from semantic_directions.nodes.host import made_for
     model_entry = made_for(world.model)
     base_images = world.sweep(world.model, [0.0])
@@ -371,11 +426,14 @@ def main():
     discover = world.registry["DiscoverAttentionEigendirections"]()
     sets = {method: discover.discover(world.model, "all", plan["per_site"], method, 1.0)[0]
             for method in ("whitened", "value", "qkv-stack")}
-    if plan["sites"]:
-        sets = {m: dset_module.DirectionSet(sites={k: v for k, v in s.sites.items() if k in plan["sites"]},
+
+    sets["hspace-pca"] = hspace_set(world, plan["hspace"])
+    sets["pair"] = pair_set(world, dset_module, model_entry, plan["pair_faces"], log)
+    sets["jacobian"] = jacobian_set(world, plan["per_site"])
+    if plan["sites"]:  # quick: the chosen attention sites and h-space only
+        sets = {m: dset_module.DirectionSet(sites={k: v for k, v in s.sites.items() if k in (*plan["sites"], "h_space")},
                                             method=s.method, model=s.model, params=s.params) for m, s in sets.items()}
     attention_widths = {site: s.width for site, s in sets["whitened"].sites.items()}
-    sets["hspace-pca"] = hspace_set(world, dset_module, activations, model_entry, plan["hspace"])
     sets["random-attention"] = random_set(dset_module, model_entry, attention_widths, plan["per_site"], 1,
                                           "random-attention")
     sets["random-hspace"] = random_set(dset_module, model_entry, {"h_space": sets["hspace-pca"].sites["h_space"].width},
@@ -425,7 +483,7 @@ def main():
         model = world.edited(dset, key[2], key[1], saturating, plan["seeds"] * len(saturating))
         saturated = world.sweep(model, saturating, sampler_of(world, key[1]))
         change = (world.factors(saturated)[..., factor] - base_factors[:, None, factor]).mean(0)
-        figures = {"best": best,
+        figures = {"best": best, "best_effect": best["effect"],
                    "purity_vs_ceiling": round(best["purity"] / max(site_ceiling["purity"], 1e-12), 3),
                    "effect_vs_ceiling": round(best["effect"] / max(site_ceiling["effect"], 1e-12), 3),
                    "inverted_transfer": round(float(on_inverted[factor] / best["slope"]), 3),
@@ -461,7 +519,11 @@ def main():
                                       ceiling_table[site][record["factor"]]["purity"], 1e-12), 3),
                                   "ratio_vs_random": round(results.site_ratio(method, site, means), 2)}
         sites[site] = {"methods": per_method, "ceiling": ceiling_table[site]}
+        if "jacobian" in per_method and "whitened" in per_method:
+            sites[site]["jacobian_over_whitened"] = round(per_method["jacobian"]["effect"] /
+                                                          max(per_method["whitened"]["effect"], 1e-12), 2)
 
+    pair_named = named_pairs(results, means, sets, ceiling_table, resamples) if "pair" in sets else {}
     phase("inversion_transfer_and_saturation")
     picture_path = QUICK_PICTURE if args.quick else PICTURE
     picture(rows, picture_path)
@@ -482,7 +544,9 @@ def main():
         "noisy_samples": samples["noisy_samples"], "samples": plan["samples"],
         "inversion_psnr": round(psnr(reconstructed[:, 0], originals), 2),
         "inversion_factor_error": round(float(np.abs(reconstructed_factors - world.factors(originals)).mean()), 4),
-        "methods": methods, "sites": sites, "picture": str(picture_path), "timings_s": timings,
+        "methods": methods, "pair_named": pair_named, "sites": sites,
+        "jacobian_at_least_whitened_sites": [sum(s.get("jacobian_over_whitened", 0) >= 1 for s in sites.values()),
+                                              sum("jacobian_over_whitened" in s for s in sites.values())], "picture": str(picture_path), "timings_s": timings,
     }, args.json)
 
 

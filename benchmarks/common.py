@@ -59,3 +59,18 @@ class PeakRss:
 
 def report(figures: dict, as_json: bool):
     print(json.dumps(figures) if as_json else "\n".join(f"{k}: {v}" for k, v in figures.items()))
+
+
+class UNetRows:
+    """Counts the rows the UNet evaluates: a row is one model call for one image."""
+
+    def __init__(self, patcher):
+        self.unet, self.rows = patcher.model.diffusion_model, 0
+
+    def __enter__(self):
+        self.rows = 0
+        self.hook = self.unet.register_forward_hook(lambda m, i, o: setattr(self, "rows", self.rows + i[0].shape[0]))
+        return self
+
+    def __exit__(self, *exc):
+        self.hook.remove()

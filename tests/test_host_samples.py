@@ -173,3 +173,93 @@ def test_bad_inputs_get_one_line_errors(kit):
     refused("latent: the latent's values hold NaN", lambda: pca_node.directions(
         model, conditioning(1), conditioning(2), {"samples": torch.full((2, 4, 8, 8), float("nan"))}, **SAMPLING,
         site="h_space", start_percent=0.0, end_percent=1.0, count=2))
+
+
+def denoised_with_shifts(model, site, shifts, sigma, seed=3):
+    """The host's denoised prediction of the noised image, one batch row per shift [rows, C] added at the site
+    in Apply Direction's units (the row's RMS token norm), by a hook on the host's module: an independent
+    path to the same function the Jacobian node differentiates."""
+    import comfy.sample
+    import comfy.samplers
+    unet = model.model.diffusion_model
+
+    def shifted(tokens):
+        norms = tokens.pow(2).sum(-1).mean(-1).sqrt()
+        return tokens + (norms[:, None] * shifts.to(tokens))[:, None, :]
+    if site == "h_space":
+        handle = unet.middle_block[-1].register_forward_hook(  # the host calls the middle block's layers one by one
+            lambda m, a, out: shifted(out.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(out.shape))
+    else:
+        handle = unet.get_submodule(site).register_forward_pre_hook(lambda m, args: (shifted(args[0]), *args[1:]))
+
+    def predict(model_fn, x, sigmas, extra_args=None, callback=None, disable=None):
+        return model_fn(x, sigmas[0] * x.new_ones(x.shape[0]), **(extra_args or {}))
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9)).expand(len(shifts), -1, -1, -1)
+    noise = comfy.sample.prepare_noise(latent[:1], seed).expand(len(shifts), -1, -1, -1)
+    try:
+        return comfy.sample.sample_custom(model, noise.contiguous(), 1.0, comfy.samplers.KSAMPLER(predict),
+                                          torch.tensor([sigma, 0.0]), conditioning(1), conditioning(2),
+                                          latent.contiguous(), seed=seed)
+    finally:
+        handle.remove()
+
+
+def finite_difference_jacobian(model, site, width, sigma, step=1e-3):
+    """Central differences, float64 at the end: [outputs, width]."""
+    eye = torch.eye(width)
+    with torch.no_grad():
+        plus = denoised_with_shifts(model, site, step * eye, sigma).flatten(1).double()
+        minus = denoised_with_shifts(model, site, -step * eye, sigma).flatten(1).double()
+    return ((plus - minus) / (2 * step)).T
+
+
+@pytest.mark.parametrize("site", ["h_space", SITE_7])
+def test_jacobian_directions_match_finite_differences_of_the_host_model(host, kit, site):
+    model = kit[0]
+    node = host.nodes.NODE_CLASS_MAPPINGS["DirectionsFromImage"]()
+    image = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))}
+    found = node.directions(model, conditioning(1), conditioning(2), image, 3, 0.3, 1.0, site, 4)[0].sites[site]
+    sigma = float(model.get_model_object("model_sampling").percent_to_sigma(0.3))
+    reference = finite_difference_jacobian(model, site, 128, sigma)
+    _, values, vh = torch.linalg.svd(reference, full_matrices=False)
+    # central differences at step 1e-3 in float32: errors ~1e-4 relative, far inside the 1% asked
+    assert float(found.gains[0]) == pytest.approx(float(values[0]), rel=1e-2)
+    gaps = values[:4] / values[1:5]
+    for k in range(1, 5):
+        if gaps[k - 1] > 1.05:  # a 5% gap pins the top-k subspace to ~1e-3 at these errors
+            cosines = torch.linalg.svdvals(vh[:k] @ found.vectors[:k].double().T)
+            assert float(cosines.min()) >= 0.99, (k, cosines)
+
+
+def test_a_mask_makes_the_directions_change_the_masked_region_most(host, kit):
+    model = kit[0]
+    node = host.nodes.NODE_CLASS_MAPPINGS["DirectionsFromImage"]()
+    image = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))}
+    mask = torch.zeros(1, 64, 64)
+    mask[:, :32, :32] = 1.0  # the top-left quarter of the latent's 8 x 8 grid
+    masked = node.directions(model, conditioning(1), conditioning(2), image, 3, 0.3, 1.0, "h_space", 2, mask=mask)[0]
+    whole = node.directions(model, conditioning(1), conditioning(2), image, 3, 0.3, 1.0, "h_space", 2)[0]
+    sigma = float(model.get_model_object("model_sampling").percent_to_sigma(0.3))
+    reference = finite_difference_jacobian(model, "h_space", 128, sigma).reshape(4, 8, 8, 128)
+    inside = reference[:, :4, :4].reshape(-1, 128)
+    top = torch.linalg.svdvals(inside)[0]
+    moved = lambda v: float((inside @ v.double()).norm())  # noqa: E731
+    assert moved(masked.sites["h_space"].vectors[0]) == pytest.approx(float(top), rel=1e-2)
+    assert moved(whole.sites["h_space"].vectors[0]) < moved(masked.sites["h_space"].vectors[0])
+    with pytest.raises(ValueError, match="mask: it is empty at the latent's resolution"):
+        node.directions(model, conditioning(1), conditioning(2), image, 3, 0.3, 1.0, "h_space", 2,
+                        mask=torch.zeros(1, 64, 64))
+
+
+def test_the_jacobian_runs_as_the_host_runs_nodes_in_inference_mode(host, kit):
+    """The host loads weights and runs nodes under torch.inference_mode, whose tensors reverse-mode autograd
+    refuses; forward-mode derivatives need no saved tensors, so the same directions come out."""
+    from harness.test_nodes.unets import build_unet
+    node = host.nodes.NODE_CLASS_MAPPINGS["DirectionsFromImage"]()
+    image = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))}
+    with torch.inference_mode():
+        model = build_unet("sd15", seed=0)
+        assert next(model.model.parameters()).is_inference()
+        inside = node.directions(model, conditioning(1), conditioning(2), image, 3, 0.3, 1.0, "h_space", 3)[0]
+    outside = node.directions(kit[0], conditioning(1), conditioning(2), image, 3, 0.3, 1.0, "h_space", 3)[0]
+    assert torch.equal(inside.sites["h_space"].vectors, outside.sites["h_space"].vectors)

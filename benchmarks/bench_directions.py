@@ -1,0 +1,60 @@
+"""Cost of the directions-from-images methods, through the nodes, on an SD1.5-sized UNet (real widths,
+random weights) at a 64 x 64 latent (512 px), with the settings of the example workflows: a batch of
+BATCH images, STEPS ddim steps at cfg CFG (two model rows per image and step), h-space.
+
+- ``pca``: Directions From Samples (one sampling of the batch);
+- ``pair``: Direction From Prompt Pair (two samplings of the batch, one per prompt).
+
+Each reports its seconds and its model evaluations (UNet rows: one model call for one image, counted
+at the UNet), beside one plain sampling of the same batch timed in the same run, so the ratio says
+what recording costs on top of sampling.
+"""
+import time
+
+import torch
+
+from benchmarks.common import UNetRows, arguments, report, start_host
+
+BATCH, STEPS, CFG, LATENT = 8, 20, 7.0, 64
+
+
+def main():
+    args = arguments(__doc__)
+    host = start_host(args.device)
+    from harness.test_nodes.unets import build_unet
+    import comfy.sample
+    registry = host.nodes.NODE_CLASS_MAPPINGS
+    model = build_unet("sd15", full_size=True)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [[[torch.randn(1, 77, 768, generator=generator), {}]] for _ in range(3)]
+    latent = {"samples": torch.zeros(BATCH, 4, LATENT, LATENT)}
+    sampling = (0, "enable", STEPS, CFG, "ddim", "normal")
+
+    def plain():
+        noise = comfy.sample.prepare_noise(latent["samples"], 0)
+        comfy.sample.sample(model, noise, STEPS, CFG, "ddim", "normal", prompts[0], prompts[2], latent["samples"],
+                            seed=0, disable_pbar=True)
+
+    def pca():
+        registry["DirectionsFromSamples"]().directions(model, prompts[0], prompts[2], latent, *sampling, "h_space",
+                                                       0.0, 1.0, 8)
+
+    def pair():
+        registry["DirectionFromPromptPair"]().direction(model, prompts[0], prompts[1], prompts[2], latent, *sampling,
+                                                        "h_space", 0.0, 1.0, "source", "target")
+    figures = {"device": args.device, "threads": torch.get_num_threads(), "unet": "sd15 full size, random weights",
+               "latent": [BATCH, 4, LATENT, LATENT], "steps": STEPS, "cfg": CFG, "site": "h_space"}
+    with torch.no_grad():
+        for name, run in (("sampling", plain), ("pca", pca), ("pair", pair)):
+            with UNetRows(model) as counter:
+                start = time.perf_counter()
+                run()
+                figures[f"{name}_s"] = round(time.perf_counter() - start, 2)
+            figures[f"{name}_model_evaluations"] = counter.rows
+    for name in ("pca", "pair"):
+        figures[f"{name}_over_sampling_time"] = round(figures[f"{name}_s"] / figures["sampling_s"], 3)
+    report(figures, args.json)
+
+
+if __name__ == "__main__":
+    main()
