@@ -376,8 +376,8 @@ def named_direction(registry) -> Graph:
     sample = g.add("SamplerCustomAdvanced", (7, 0), noise=noise["NOISE"], guider=guider["GUIDER"],
                    sampler=asyrp["SAMPLER"], sigmas=schedule["SIGMAS"], latent_image=same_noise["LATENT"])
     decoded = g.add("VAEDecode", (8, 0), samples=sample["output"], vae=checkpoint["VAE"])
-    grid = g.add("LabelledImageGrid", (8, 160), images=decoded["IMAGE"], labels="neutral, -0.5, 0, 0.5, smiling",
-                 columns=0)
+    grid = g.add("LabelledImageGrid", (8, 160), images=decoded["IMAGE"], labels=SWEEP, columns=0,
+                 directions=pair["directions"])
     save = g.add("SaveImage", (9, 0), images=grid["IMAGE"], filename_prefix="semdir_named")
     notes = [
         g.note("**1. A prompt pair**: the same prompt without and with the attribute. Both are sampled on the same "
@@ -433,8 +433,8 @@ def directions_from_examples(registry) -> Graph:
                    positive=describe["CONDITIONING"], negative=empty["CONDITIONING"], sampler=asyrp["SAMPLER"],
                    sigmas=schedule["SIGMAS"], latent_image=copies["LATENT"])
     decoded = g.add("VAEDecode", (8, 2000), samples=sample["output"], vae=checkpoint["VAE"])
-    grid = g.add("LabelledImageGrid", (8, 2160), images=decoded["IMAGE"], labels="neutral, -0.5, 0, 0.5, smiling",
-                 columns=0)
+    grid = g.add("LabelledImageGrid", (8, 2160), images=decoded["IMAGE"], labels=SWEEP, columns=0,
+                 directions=pair["directions"])
     save = g.add("SaveImage", (9, 2000), images=grid["IMAGE"], filename_prefix="semdir_from_examples")
     notes = [
         g.note("**1. Examples**: two or more photos without the attribute and two or more with it (ImageBatch "

@@ -132,7 +132,7 @@ def test_the_example_pair_records_two_batches_of_different_sizes(kit):
     assert dset.sites["h_space"].count == 1 and float(dset.sites["h_space"].gains[0]) > 0
 
 
-def test_progress_and_cancel(kit):
+def test_progress_and_cancel(host, kit):
     import comfy.model_management
     import comfy.utils
     model, pca_node, *_ = kit
@@ -141,9 +141,15 @@ def test_progress_and_cancel(kit):
     try:
         pca(pca_node, model)
         assert updates[-1] == (4, 4)
+        jacobian = host.nodes.NODE_CLASS_MAPPINGS["DirectionsFromImage"]()
+        jacobian.directions(model, conditioning(1), conditioning(2), latent(1), 0, 0.3, 1.0, "h_space", 2)
+        assert updates[-1] == (8, 8)  # 128 channels in chunks of 16
         comfy.model_management.interrupt_current_processing(True)
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             pca(pca_node, model)
+        comfy.model_management.interrupt_current_processing(True)
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            jacobian.directions(model, conditioning(1), conditioning(2), latent(1), 0, 0.3, 1.0, "h_space", 2)
     finally:
         comfy.model_management.interrupt_current_processing(False)
         comfy.utils.set_progress_bar_global_hook(None)
@@ -263,3 +269,18 @@ def test_the_jacobian_runs_as_the_host_runs_nodes_in_inference_mode(host, kit):
         inside = node.directions(model, conditioning(1), conditioning(2), image, 3, 0.3, 1.0, "h_space", 3)[0]
     outside = node.directions(kit[0], conditioning(1), conditioning(2), image, 3, 0.3, 1.0, "h_space", 3)[0]
     assert torch.equal(inside.sites["h_space"].vectors, outside.sites["h_space"].vectors)
+
+
+def test_the_grid_names_a_pairs_sweep(host, kit):
+    from semantic_directions.nodes.grid import named
+    model, _, pair_node, _, _ = kit
+    dset = pair_node.direction(model, conditioning(1), conditioning(7), conditioning(2), latent(1), **SAMPLING,
+                               site="h_space", start_percent=0.0, end_percent=1.0, source_name="neutral",
+                               target_name="smiling")[0]
+    assert [named(a, "neutral", "smiling") for a in ("-1", "-0.5", "0", "0.5", "1", "x")] == \
+        ["neutral 1", "neutral 0.5", "unedited", "smiling 0.5", "smiling 1", "x"]
+    grid_node = host.nodes.NODE_CLASS_MAPPINGS["LabelledImageGrid"]()
+    images = torch.rand(3, 16, 16, 3)
+    plain, = grid_node.grid(images, "-1, 0, 1", 0)
+    titled, = grid_node.grid(images, "-1, 0, 1", 0, directions=dset)
+    assert plain.shape == titled.shape and not torch.equal(plain, titled)  # the same grid, other words above
