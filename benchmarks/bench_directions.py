@@ -4,8 +4,8 @@ BATCH images, STEPS ddim steps at cfg CFG (two model rows per image and step), h
 
 - ``pca``: Directions From Samples (one sampling of the batch);
 - ``pair``: Direction From Prompt Pair (two samplings of the batch, one per prompt);
-- ``jacobian``: Directions From Image (Jacobian) for one image at h-space (1280 channels: one forward-mode
-  model row per channel, in chunks), at cfg 1 and at the workflows' cfg.
+- ``jacobian``: Directions From Image (Jacobian) for one image at h-space, its defaults (cfg 1, 1280
+  channels: one forward-mode model row per channel, in chunks).
 
 Each reports its seconds and its model evaluations (UNet rows: one model call for one image, counted
 at the UNet), beside one plain sampling of the same batch timed in the same run, so the ratio says
@@ -44,17 +44,14 @@ def main():
     def pair():
         registry["DirectionFromPromptPair"]().direction(model, prompts[0], prompts[1], prompts[2], latent, *sampling,
                                                         "h_space", 0.0, 1.0, "source", "target")
-    def jacobian(cfg):
-        def run():
-            registry["DirectionsFromImage"]().directions(model, prompts[0], prompts[2], {"samples": latent["samples"][:1]},
-                                                          0, 0.3, cfg, "h_space", 8)
-        return run
+    def jacobian():
+        registry["DirectionsFromImage"]().directions(model, prompts[0], prompts[2], {"samples": latent["samples"][:1]},
+                                                      0, 0.3, 1.0, "h_space", 8)
 
     figures = {"device": args.device, "threads": torch.get_num_threads(), "unet": "sd15 full size, random weights",
                "latent": [BATCH, 4, LATENT, LATENT], "steps": STEPS, "cfg": CFG, "site": "h_space"}
     with torch.no_grad():
-        for name, run in (("sampling", plain), ("pca", pca), ("pair", pair), ("jacobian", jacobian(1.0)),
-                          ("jacobian_cfg", jacobian(CFG))):
+        for name, run in (("sampling", plain), ("pca", pca), ("pair", pair), ("jacobian", jacobian)):
             with UNetRows(model) as counter:
                 start = time.perf_counter()
                 run()

@@ -41,17 +41,14 @@ class Attn1Patch(_Patch):
         self.sites_by_block = sites_by_block
 
     def __call__(self, n, context_attn1, value_attn1, extra_options):
-        block = extra_options.get("block")
-        site = self.sites_by_block.get((*block, extra_options.get("block_index", 0))) if block else None
+        site = self.sites_by_block.get(host.attn1_block(extra_options))
         if site is None or extra_options.get(host.UNEDITED) == "all" or not host.has_batch_keys(extra_options):
             return n, context_attn1, value_attn1
         rows = self.rows(extra_options, n.shape[0])
         shifted = self.edit.shift(site, n, extra_options["activations_shape"][-2:], rows)
         if shifted is n:
             return n, context_attn1, value_attn1
-        delta = shifted - n
-        return tuple(shifted if t is n else t + delta if t.shape == n.shape else t
-                     for t in (n, context_attn1, value_attn1))
+        return host.attn1_shifted(n, context_attn1, value_attn1, shifted)
 
 
 class HSpacePatch(_Patch):

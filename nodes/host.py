@@ -198,6 +198,18 @@ def batch_rows(options: dict, count: int, passes: tuple) -> Rows:
                 sigma=sigmas[torch.arange(count) % sigmas.numel()], images=images)
 
 
+def attn1_block(options: dict):
+    """The (block, block_index, transformer index) an attn1_patch call is at, as :func:`block_key` gives them."""
+    block = options.get("block")
+    return (*block, options.get("block_index", 0)) if block else None
+
+
+def attn1_shifted(n, context_attn1, value_attn1, shifted):
+    """attn1_patch's return for self-attention whose input ``n`` became ``shifted``: q, k and v all move."""
+    delta = shifted - n
+    return tuple(shifted if t is n else t + delta if t.shape == n.shape else t for t in (n, context_attn1, value_attn1))
+
+
 def has_batch_keys(options: dict, grid: bool = True) -> bool:
     """The keys the host's batching sets; a model called some other way runs unedited."""
     return "cond_or_uncond" in options and "sigmas" in options and (not grid or "activations_shape" in options)

@@ -33,13 +33,9 @@ class TangentShift:
         return self
 
     def attention_input(self, n, context_attn1, value_attn1, extra_options):
-        block = extra_options.get("block")
-        if self.block is None or not block or (*block, extra_options.get("block_index", 0)) != self.block:
+        if self.block is None or host.attn1_block(extra_options) != self.block:
             return n, context_attn1, value_attn1
-        shifted = self.shifted(n, extra_options)
-        delta = shifted - n
-        return tuple(shifted if t is n else t + delta if t.shape == n.shape else t
-                     for t in (n, context_attn1, value_attn1))
+        return host.attn1_shifted(n, context_attn1, value_attn1, self.shifted(n, extra_options))
 
     def middle_output(self, h, hsp, transformer_options):
         if self.site != HSPACE or transformer_options.get("block") != ("output", 0):

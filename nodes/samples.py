@@ -38,8 +38,7 @@ class SiteRecorder:
         return recording
 
     def attention_input(self, n, context_attn1, value_attn1, extra_options):
-        block = extra_options.get("block")
-        site = self.sites_by_block.get((*block, extra_options.get("block_index", 0))) if block else None
+        site = self.sites_by_block.get(host.attn1_block(extra_options))
         if site is not None and host.has_batch_keys(extra_options, grid=False):
             self.record(site, n, extra_options)
         return n, context_attn1, value_attn1

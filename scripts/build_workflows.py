@@ -247,18 +247,23 @@ def asyrp_edit(registry) -> Graph:
     return g
 
 
+def prompt_pair(g, checkpoint, source_text: str, target_text: str, batch: int):
+    """Column 1: a source prompt, the target prompt (the attribute), the negative prompt and an empty latent."""
+    return (g.add("CLIPTextEncode", (1, 0), "Source prompt", clip=checkpoint["CLIP"], text=source_text),
+            g.add("CLIPTextEncode", (1, 260), "Target prompt (the attribute)", clip=checkpoint["CLIP"], text=target_text),
+            g.add("CLIPTextEncode", (1, 520), "Negative prompt", clip=checkpoint["CLIP"], text=NEGATIVE),
+            g.add("EmptyLatentImage", (1, 780), width=512, height=512, batch_size=batch))
+
+
 def svd_attribute(registry) -> Graph:
     """Workflow 4: a prompt pair sampled part way with the same seed, the attribute moved through the
     latents' singular values, sampling resumed with the source prompt; the spectra of the source's
     trajectory plotted."""
     g = Graph(registry)
     checkpoint = g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=SD15_CHECKPOINT)
-    source_prompt = g.add("CLIPTextEncode", (1, 0), "Source prompt", clip=checkpoint["CLIP"],
-                          text="a photo of a man, portrait, natural light")
-    target_prompt = g.add("CLIPTextEncode", (1, 260), "Target prompt (the attribute)", clip=checkpoint["CLIP"],
-                          text="a photo of a man with glasses, portrait, natural light")
-    negative = g.add("CLIPTextEncode", (1, 520), "Negative prompt", clip=checkpoint["CLIP"], text=NEGATIVE)
-    latent = g.add("EmptyLatentImage", (1, 780), width=512, height=512, batch_size=1)
+    source_prompt, target_prompt, negative, latent = prompt_pair(
+        g, checkpoint, "a photo of a man, portrait, natural light",
+        "a photo of a man with glasses, portrait, natural light", 1)
 
     def advanced(title, prompt, latent_in, at, start, end):
         """KSamplerAdvanced over steps start..end of 30: from the start it adds the seed's noise and keeps
@@ -349,12 +354,9 @@ def named_direction(registry) -> Graph:
     Sampler renders its sweep on a new seed, labelled."""
     g = Graph(registry)
     checkpoint = g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=SD15_CHECKPOINT)
-    source = g.add("CLIPTextEncode", (1, 0), "Source prompt", clip=checkpoint["CLIP"],
-                   text="a portrait photo of a person, neutral expression, natural light")
-    target = g.add("CLIPTextEncode", (1, 260), "Target prompt (the attribute)", clip=checkpoint["CLIP"],
-                   text="a portrait photo of a person, smiling, natural light")
-    negative = g.add("CLIPTextEncode", (1, 520), "Negative prompt", clip=checkpoint["CLIP"], text=NEGATIVE)
-    seeds = g.add("EmptyLatentImage", (1, 780), width=512, height=512, batch_size=8)
+    source, target, negative, seeds = prompt_pair(
+        g, checkpoint, "a portrait photo of a person, neutral expression, natural light",
+        "a portrait photo of a person, smiling, natural light", 8)
     pair = g.add("DirectionFromPromptPair", (2, 0), model=checkpoint["MODEL"], source=source["CONDITIONING"],
                  target=target["CONDITIONING"], negative=negative["CONDITIONING"], latent=seeds["LATENT"], seed=1,
                  add_noise="enable", steps=20, cfg=7.0, sampler_name="ddim", scheduler="normal", site="h_space",

@@ -109,6 +109,18 @@ def saved(host, outputs, node_id):
     return np.asarray(Image.open(folder / entry["subfolder"] / entry["filename"]), dtype=np.float32)
 
 
+def vae_round_trip(host, image: str):
+    """The tiny checkpoint's VAE encoding and decoding of an input image: the best a reconstruction can be."""
+    outputs = host.run({
+        "c": {"class_type": TINY_CHECKPOINT[0], "inputs": dict(TINY_CHECKPOINT[1])},
+        "i": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "e": {"class_type": "VAEEncode", "inputs": {"pixels": ["i", 0], "vae": ["c", 2]}},
+        "d": {"class_type": "VAEDecode", "inputs": {"samples": ["e", 0], "vae": ["c", 2]}},
+        "s": {"class_type": "SaveImage", "inputs": {"images": ["d", 0], "filename_prefix": "round_trip"}},
+    }, cached=False)
+    return saved(host, outputs, "s")
+
+
 def psnr(a, b):
     return 10 * np.log10(255 ** 2 / np.mean((a - b) ** 2))
 
@@ -123,14 +135,7 @@ def check_edit_real_image(host, workflow, outputs):
     origin = next(link[1] for link in workflow["links"] if link[0] == model_link)
     assert origin == by_type["CheckpointLoaderSimple"][0]["id"], "DDIM Invert must take the unedited model"
     images = {node["widgets_values"][0]: saved(host, outputs, str(node["id"])) for node in by_type["SaveImage"]}
-    round_trip = host.run({
-        "c": {"class_type": TINY_CHECKPOINT[0], "inputs": dict(TINY_CHECKPOINT[1])},
-        "i": {"class_type": "LoadImage", "inputs": {"image": "example.png"}},
-        "e": {"class_type": "VAEEncode", "inputs": {"pixels": ["i", 0], "vae": ["c", 2]}},
-        "d": {"class_type": "VAEDecode", "inputs": {"samples": ["e", 0], "vae": ["c", 2]}},
-        "s": {"class_type": "SaveImage", "inputs": {"images": ["d", 0], "filename_prefix": "round_trip"}},
-    }, cached=False)
-    reference = saved(host, round_trip, "s")
+    reference = vae_round_trip(host, "example.png")
     reconstruction, edited = images["semdir_reconstruction"], images["semdir_edited"]
     print("workflow reconstruction PSNR against the VAE round trip:", psnr(reconstruction, reference),
           "edited:", psnr(edited, reference))
@@ -180,14 +185,7 @@ def check_named_direction(host, workflow, outputs):
 def check_directions_from_examples(host, workflow, outputs):
     """The middle tile (alpha 0) reconstructs the photo to edit; the ends of the sweep differ from it."""
     tiles = grid_tiles(host, workflow, outputs)
-    round_trip = host.run({
-        "c": {"class_type": TINY_CHECKPOINT[0], "inputs": dict(TINY_CHECKPOINT[1])},
-        "i": {"class_type": "LoadImage", "inputs": {"image": "edit_me.png"}},
-        "e": {"class_type": "VAEEncode", "inputs": {"pixels": ["i", 0], "vae": ["c", 2]}},
-        "d": {"class_type": "VAEDecode", "inputs": {"samples": ["e", 0], "vae": ["c", 2]}},
-        "s": {"class_type": "SaveImage", "inputs": {"images": ["d", 0], "filename_prefix": "round_trip"}},
-    }, cached=False)
-    reference = saved(host, round_trip, "s")
+    reference = vae_round_trip(host, "edit_me.png")
     assert psnr(tiles[2], reference) > 30
     assert np.abs(tiles[0] - tiles[2]).max() > 5 and np.abs(tiles[4] - tiles[2]).max() > 5
 
