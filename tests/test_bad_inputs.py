@@ -79,6 +79,32 @@ def attribute(source="lat", target="lat2", **change):
             "attr": node("SVDLatentAttribute", **inputs), **save_latent(["attr", 0])}
 
 
+SAMPLING = {"seed": 0, "add_noise": "enable", "steps": 2, "cfg": 1.0, "sampler_name": "euler", "scheduler": "normal",
+            "site": "h_space", "start_percent": 0.0, "end_percent": 1.0}
+
+
+def from_samples(latent="two", **change):
+    return {"two": node("RepeatLatentBatch", samples=["lat", 0], amount=2),
+            "pca": node("DirectionsFromSamples", model=["m", 0], positive=["pos", 0], negative=["neg", 0],
+                        latent=[latent, 0], **{**SAMPLING, "count": 2, **change}),
+            **applied(directions=["pca", 0], layer="h_space")}
+
+
+def prompt_pair(target="pos", **change):
+    return {"long": node("TinyConditioning", seed=3, context_dim=32, tokens=154),
+            "pair": node("DirectionFromPromptPair", model=["m", 0], source=["pos", 0], target=[target, 0],
+                         negative=["neg", 0], latent=["lat", 0],
+                         **{**SAMPLING, "source_name": "a", "target_name": "b", **change}),
+            **applied(directions=["pair", 0], layer="h_space")}
+
+
+def from_image(**change):
+    return {"jac": node("DirectionsFromImage", model=["m", 0], positive=["pos", 0], negative=["neg", 0],
+                        latent=["lat", 0], **{"seed": 0, "percent": 0.3, "cfg": 1.0, "site": "h_space", "count": 2,
+                                              **change}),
+            **applied(directions=["jac", 0], layer="h_space")}
+
+
 def explore(latent="lat", **change):
     inputs = {"latent": [latent, 0], "index": 0, "channel": -1, "factor": 1.0, "factor_list": "", **change}
     return {"x": node("SVDLatentExplore", **inputs), **save_latent(["x", 0])}
@@ -245,6 +271,17 @@ CASES = {
     "analysis one latent": (analysis(latents="lat"), failed(r"latents: expected at least 2 latents")),
     "analysis k above rank": (analysis(k=100), failed(r"k: 100 is outside")),
     "analysis nan latents": ({**NAN_LATENT, **analysis(latents="nan")}, failed(r"latents: the latent holds NaN")),
+    # Directions from samples, pairs and images
+    "pca one image": (from_samples(latent="lat"), failed(r"latent: principal directions need a batch of at least 2")),
+    "pca no step in range": (from_samples(start_percent=0.5, end_percent=0.5),
+                             failed(r"start_percent, end_percent: no sampling step fell inside this range")),
+    "pca unknown site": (from_samples(site="output_blocks.99"), failed(r"site: 'output_blocks.99' names none")),
+    "pca nan latent": ({**NAN_LATENT, **from_samples(latent="nan")}, failed(r"latent: the latent's values hold NaN")),
+    "pair prompts of other lengths": (prompt_pair(target="long"),
+                                      failed(r"target: its conditioning has shape \[\[1, 154, 32\]\]")),
+    "pair of equal prompts": (prompt_pair(), failed(r"target: its activations equal the source's at this site")),
+    "jacobian percent nan": (from_image(percent=math.nan), failed(r"percent: nan is not a finite number")),
+    "jacobian percent above 1": (from_image(percent=2.0), rejected("jac", "percent")),
     # Labelled Image Grid
     "grid labels for another batch": (grid(labels="a,b"), failed(r"labels: 2 labels for 3 images")),
     "grid nan images": ({"blend": node("ImageBlend", image1=["img", 0], image2=["img", 0], blend_factor=math.nan,
