@@ -34,6 +34,14 @@ def rms_token_norm(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.float().pow(2).sum(dim=-1).mean(dim=-1).sqrt()
 
 
+def image_scales(tokens: torch.Tensor, rows: "Rows") -> torch.Tensor:
+    """[B, N, C] -> [B]: each row's scale, the mean RMS token norm over all rows of its image (cond, uncond,
+    copies), so classifier-free guidance does not amplify a difference between the passes' scales."""
+    image = rows.image.to(tokens.device)
+    per_image = torch.zeros(rows.images, device=tokens.device).index_add_(0, image, rms_token_norm(tokens))
+    return (per_image / torch.bincount(image, minlength=rows.images))[image]
+
+
 def mask_to_tokens(mask: torch.Tensor, grid: tuple) -> torch.Tensor:
     """[M, H, W] mask -> [M, h * w] token weights by area averaging: a token wholly outside is exactly 0."""
     resized = F.interpolate(mask[:, None].float(), size=grid, mode="area")
@@ -82,13 +90,8 @@ class DirectionEdit:
         if not strengths.any():
             return tokens
         direction = self._on(site, tokens)
-        # One scale per image: the mean RMS token norm over all its rows (cond, uncond, copies), so
-        # classifier-free guidance does not amplify a difference between the passes' scales.
-        norms = rms_token_norm(tokens)
         image_on = rows.image.to(tokens.device)
-        per_image = torch.zeros(rows.images, device=tokens.device).index_add_(0, image_on, norms)
-        per_image = per_image / torch.bincount(image_on, minlength=rows.images)
-        scale = (strengths.to(tokens.device) * per_image[image_on]).to(tokens.dtype)[:, None, None]
+        scale = (strengths.to(tokens.device) * image_scales(tokens, rows)).to(tokens.dtype)[:, None, None]
         shift = scale * direction
         if self.mask is not None:
             weights = self._mask_on(grid, tokens)

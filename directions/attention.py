@@ -85,22 +85,28 @@ def _shift_operators(weights: AttentionWeights, method: str, token_variance: flo
             weight = weight.to(dtype)
             return weight, (weight.T if dtype in (torch.float32, torch.float64) else weight.T.contiguous())
         if method == "qkv-stack":
-            q, k, v = (cast(w) for w in (weights.q, weights.k, weights.v))
-            operators.append(((lambda x, q=q, k=k, v=v, dtype=dtype: torch.cat([w @ x.to(dtype) for w, _ in (q, k, v)]).to(x.dtype)),
-                              (lambda y, q=q, k=k, v=v, dtype=dtype: sum(w_t @ part.to(dtype) for (_, w_t), part in zip((q, k, v), y.chunk(3))).to(y.dtype))))
+            operators.append(_stack_pair([cast(w) for w in (weights.q, weights.k, weights.v)], dtype))
             continue
-        out = cast(weights.out)
         if method == "value":
             mixed = cast(weights.v)
         elif formed:
-            mixed = cast(rearrange(torch.baddbmm(*(rearrange(w.to(dtype), "(h e) d -> h e d", h=heads) for w in (weights.v,)),
-                                                 value_key.to(dtype),
-                                                 rearrange(weights.q.to(dtype), "(h e) d -> h e d", h=heads), alpha=c),
+            per_head = [rearrange(w.to(dtype), "(h e) d -> h e d", h=heads) for w in (weights.v, weights.q)]
+            mixed = cast(rearrange(torch.baddbmm(per_head[0], value_key.to(dtype), per_head[1], alpha=c),
                                    "h e d -> (h e) d"))
         else:
             mixed = _unformed_mixed(cast(weights.v), cast(weights.q), c * value_key.to(dtype), heads)
-        operators.append(_product_pair(mixed, out, dtype))
+        operators.append(_product_pair(mixed, cast(weights.out), dtype))
     return operators
+
+
+def _stack_pair(stacked, dtype):
+    """A = [W_q; W_k; W_v] from their (W, W^T)."""
+    def apply(x):
+        return torch.cat([w @ x.to(dtype) for w, _ in stacked]).to(x.dtype)
+
+    def apply_t(y):
+        return sum(w_t @ part.to(dtype) for (_, w_t), part in zip(stacked, y.chunk(3))).to(y.dtype)
+    return apply, apply_t
 
 
 def _product_pair(mixed, out, dtype):

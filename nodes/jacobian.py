@@ -9,7 +9,7 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
-from ..directions.apply import rms_token_norm
+from ..directions.apply import image_scales
 from ..directions.directionset import ATTN1, HSPACE, DirectionSet, SiteDirections, site_kind
 from ..directions.jacobian import jacobian_directions
 from . import host
@@ -45,11 +45,8 @@ class TangentShift:
 
     def shifted(self, tokens, options):
         rows = host.batch_rows(options, tokens.shape[0], host.PASSES["both"])
-        image = rows.image.to(tokens.device)
-        norms = rms_token_norm(tokens)
-        per_image = torch.zeros(rows.images, device=tokens.device).index_add_(0, image, norms)
-        scale = (per_image / torch.bincount(image, minlength=rows.images))[image].to(tokens.dtype)
-        tangents = self.tangents.to(tokens.device, tokens.dtype)[image]
+        scale = image_scales(tokens, rows).to(tokens.dtype)
+        tangents = self.tangents.to(tokens.device, tokens.dtype)[rows.image.to(tokens.device)]
         shift = forward_ad.make_dual(torch.zeros_like(tangents), tangents)
         return tokens + (scale[:, None] * shift)[:, None, :]
 

@@ -70,6 +70,10 @@ class SiteRecorder:
         features = torch.stack([torch.stack([mean for mean, _ in row]) for row in rows])
         return features, sum(norm for row in rows for _, norm in row) / (len(rows) * images)
 
+    @property
+    def sites(self) -> list:
+        return [*self.sites_by_block.values(), *([HSPACE] if self.hspace else [])]
+
     def sigmas(self, site: str, images: int) -> set:
         return {s for s, recorded in self.records.get(site, {}).items() if len(recorded) == images}
 
@@ -150,7 +154,7 @@ class DirectionsFromSamples:
         samples = record(model, recorder, latent, positive, negative,
                          sampling_of(seed, add_noise, steps, cfg, sampler_name, scheduler), progress)
         sites = {}
-        for name in recorder_sites(recorder):
+        for name in recorder.sites:
             features, _ = recorder.features(name, images)
             vectors, spread = principal_directions(features, count)
             sites[name] = SiteDirections(vectors, spread)
@@ -159,15 +163,10 @@ class DirectionsFromSamples:
         return (DirectionSet(sites=sites, method="samples-pca", params=params, model=host.made_for(model)), samples)
 
 
-def recorder_sites(recorder) -> list:
-    """The sites a recorder was given, for the error when nothing was recorded at all."""
-    return [*recorder.sites_by_block.values(), *([HSPACE] if recorder.hspace else [])]
-
-
 def pair_set(model, source_recorder, target_recorder, source_images, target_images, names, method, params):
     """One direction per site from source to target, its natural strength (in site RMS units) as its gain."""
     sites = {}
-    for name in recorder_sites(source_recorder):
+    for name in source_recorder.sites:
         shared = source_recorder.sigmas(name, source_images) & target_recorder.sigmas(name, target_images)
         source, source_scale = source_recorder.features(name, source_images, shared)
         target, target_scale = target_recorder.features(name, target_images, shared)

@@ -294,7 +294,7 @@ def test_graph_invert_edit_and_reconstruct(host, kit):
     reconstruction, reference = saved(outputs, "save"), saved(outputs, "save_ref")
     psnr = 10 * np.log10(255 ** 2 / np.mean((reconstruction - reference) ** 2))
     print("reconstruction PSNR against the VAE's own round trip:", psnr)
-    assert psnr > 35  # against the VAE's own round trip, the best any inversion can do (measured 38.4 dB)
+    assert psnr > 35  # against the VAE's own round trip, the best any inversion can do (measured 39.1 dB)
     edited = saved(host.run(graph(1.0), cached=False), "save")
     assert np.abs(edited - reference).max() > 10
 
