@@ -42,10 +42,10 @@ def main():
 
     def full_eigh(patcher):
         def run(_):
-            layers, key_patches = unet_host.attention_layers(patcher), patcher.get_key_patches("diffusion_model.")
+            sites, key_patches = unet_host.attention_sites(patcher), patcher.get_key_patches("diffusion_model.")
             exact_gains = {}
-            for path, module in layers.items():
-                weights = unet_host.read_attention_weights(patcher, key_patches, path, module.heads, device)
+            for path, site in sites.items():
+                weights = site.read(key_patches, device)
                 with torch.no_grad():
                     apply, _ = attention.shift_operator(weights, "whitened")
                     jacobian = apply(torch.eye(weights.width, device=device))
@@ -60,7 +60,7 @@ def main():
     for name, family in (("sd15", "sd15"), ("sdxl", "sdxl")):
         patcher = build_unet(family, dtype=torch.float16, full_size=True)
         with torch.no_grad():
-            figures[f"{name}_layers"] = len(unet_host.attention_layers(patcher))
+            figures[f"{name}_layers"] = len(unet_host.attention_sites(patcher))
             with PeakRss() as memory:
                 seconds, (found, _) = timed(discover(patcher), REPEATS)
                 figures[f"{name}_all_layers_s"] = round(seconds, 4)
@@ -88,10 +88,10 @@ def decayed(weights, attention):
 
 def accuracy(name, patcher, unet_host, attention, device) -> dict:
     """The iterative path against a dense float64 SVD of J, on every layer, flat and decaying spectra."""
-    layers, key_patches = unet_host.attention_layers(patcher), patcher.get_key_patches("diffusion_model.")
+    sites, key_patches = unet_host.attention_sites(patcher), patcher.get_key_patches("diffusion_model.")
     worst = {"random": [0.0, 1.0, 1.0], "decaying": [0.0, 1.0, 1.0]}  # gain error, energy, subspace cosine
-    for path, module in layers.items():
-        weights = unet_host.read_attention_weights(patcher, key_patches, path, module.heads, device)
+    for site in sites.values():
+        weights = site.read(key_patches, device)
         for spectrum, layer in (("random", weights), ("decaying", decayed(weights, attention))):
             with torch.no_grad():
                 vectors, gains = attention.attention_directions(layer, COUNT, "whitened")

@@ -84,19 +84,25 @@ class DirectionEdit:
 
     def shift(self, site: str, tokens: torch.Tensor, grid: tuple, rows: Rows) -> torch.Tensor:
         """``tokens`` [B, N, C] with this edit added at ``site``, or the same object if nothing changes."""
-        if site not in self.directions:
+        coefficients = self.coefficients(site, tokens, grid, rows)
+        if coefficients is None:
             return tokens
+        return tokens + coefficients[..., None] * self._on(site, tokens)
+
+    def coefficients(self, site: str, tokens: torch.Tensor, grid: tuple, rows: Rows) -> torch.Tensor | None:
+        """[B, N]: how far each token moves along the site's direction (strength x image scale x mask weight),
+        or None where nothing moves. A linear map W of the tokens so moves by coefficients x (W direction)."""
+        if site not in self.directions:
+            return None
         strengths = self.strengths(rows)
         if not strengths.any():
-            return tokens
-        direction = self._on(site, tokens)
+            return None
         image_on = rows.image.to(tokens.device)
-        scale = (strengths.to(tokens.device) * image_scales(tokens, rows)).to(tokens.dtype)[:, None, None]
-        shift = scale * direction
-        if self.mask is not None:
-            weights = self._mask_on(grid, tokens)
-            shift = shift * weights[image_on % weights.shape[0], :, None]
-        return tokens + shift
+        scale = (strengths.to(tokens.device) * image_scales(tokens, rows)).to(tokens.dtype)[:, None]
+        if self.mask is None:
+            return scale.expand(-1, tokens.shape[1])
+        weights = self._mask_on(grid, tokens)
+        return scale * weights[image_on % weights.shape[0]]
 
     def _on(self, site, like):
         key = (site, like.device, like.dtype)

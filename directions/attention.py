@@ -33,12 +33,25 @@ RESIDUAL_TOLERANCE = 5e-3  # Ritz residual over Ritz value: gains within 0.25%
 
 @dataclass(frozen=True)
 class AttentionWeights:
-    """One self-attention layer, torch Linear convention: q, k, v [heads * d_head, d], out [d_out, heads * d_head]."""
+    """One self-attention layer, torch Linear convention: q, k, v [heads * d_head, d], out [d_out, heads * d_head].
+
+    ``q_norm`` and ``k_norm`` ([d_head] gains, shared by the heads) say that each head's queries and keys
+    pass an RMS norm with those gains before attention (the QK-norm of DiT blocks); None for none.
+    ``q_bias``, ``k_bias`` and ``v_bias`` ([heads * d_head]) are the projections' biases where they have
+    them: the norms see the first two, and the value bias counts where the queries also attend to
+    tokens of other weights (joint attention's text tokens); otherwise it cancels from every derivative.
+    """
     q: torch.Tensor
     k: torch.Tensor
     v: torch.Tensor
     out: torch.Tensor
     heads: int
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+    q_bias: torch.Tensor | None = None
+    k_bias: torch.Tensor | None = None
+    v_bias: torch.Tensor | None = None
+    norm_eps: float = 1e-6
 
     @property
     def width(self) -> int:
@@ -52,6 +65,28 @@ class AttentionWeights:
 def whitening_constant(head_width: int, token_variance: float = 1.0) -> float:
     """c = s^2 / sqrt(d_h). s^2 = 1 is the variance of a LayerNorm output's features before its gain."""
     return token_variance / math.sqrt(head_width)
+
+
+def key_tilts(weights: AttentionWeights, token_variance: float = 1.0) -> torch.Tensor:
+    """[heads, d_h, d_h]: c W_v[h] W_k[h]^T, the whitened operator's tilt of head h before W_q[h].
+
+    With QK RMS-norms, c_h = s^2 (1 - 1/d_h) / (sqrt(d_h) r_q r_k), r the expected RMS of the head's
+    projected token (sqrt((s^2 |W[h]|^2 + |b[h]|^2) / d_h)), and the norms' gains weigh the key
+    features (docs/math.md, section 'Transformer (DiT) attention')."""
+    heads, e = weights.heads, weights.head_width
+    per_head = [rearrange(w, "(h e) d -> h e d", h=heads) for w in (weights.v, weights.k, weights.q)]
+    value_key = torch.einsum("hed,hfd->hef", per_head[0], per_head[1])
+    if weights.q_norm is None:
+        return whitening_constant(e, token_variance) * value_key
+
+    def expected_rms(weight, bias):
+        power = token_variance * weight.flatten(1).pow(2).sum(1)
+        if bias is not None:
+            power = power + rearrange(bias.to(weight.dtype), "(h e) -> h e", h=heads).pow(2).sum(1)
+        return (power / e).sqrt()
+    c = token_variance * (1 - 1 / e) / (math.sqrt(e) * expected_rms(per_head[2], weights.q_bias)
+                                         * expected_rms(per_head[1], weights.k_bias))
+    return c[:, None, None] * value_key * (weights.k_norm * weights.q_norm).to(value_key.dtype)
 
 
 def shift_operator(weights: AttentionWeights, method: str, token_variance: float = 1.0,
@@ -75,8 +110,7 @@ def _shift_operators(weights: AttentionWeights, method: str, token_variance: flo
         raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
     heads = weights.heads
     if method == "whitened":
-        c = whitening_constant(weights.head_width, token_variance)
-        value_key = torch.einsum("hed,hfd->hef", *(rearrange(w, "(h e) d -> h e d", h=heads) for w in (weights.v, weights.k)))
+        tilts = key_tilts(weights, token_variance)
     operators = []
     for product_dtype, formed in variants:
         dtype = product_dtype or weights.q.dtype
@@ -91,10 +125,9 @@ def _shift_operators(weights: AttentionWeights, method: str, token_variance: flo
             mixed = cast(weights.v)
         elif formed:
             per_head = [rearrange(w.to(dtype), "(h e) d -> h e d", h=heads) for w in (weights.v, weights.q)]
-            mixed = cast(rearrange(torch.baddbmm(per_head[0], value_key.to(dtype), per_head[1], alpha=c),
-                                   "h e d -> (h e) d"))
+            mixed = cast(rearrange(torch.baddbmm(per_head[0], tilts.to(dtype), per_head[1]), "h e d -> (h e) d"))
         else:
-            mixed = _unformed_mixed(cast(weights.v), cast(weights.q), c * value_key.to(dtype), heads)
+            mixed = _unformed_mixed(cast(weights.v), cast(weights.q), tilts.to(dtype), heads)
         operators.append(_product_pair(mixed, cast(weights.out), dtype))
     return operators
 
@@ -243,20 +276,55 @@ def attention_directions(weights: AttentionWeights, count: int, method: str = "w
     return top_right_singular(apply, apply_t, weights.width, count, like=weights.q, draft=draft)
 
 
-def shift_jacobian(tokens: torch.Tensor, weights: AttentionWeights) -> torch.Tensor:
+def shift_jacobian(tokens: torch.Tensor, weights: AttentionWeights, rotations: torch.Tensor | None = None,
+                   context: tuple | None = None) -> torch.Tensor:
     """Exact first-order response [N, d_out, d]: how each output token moves per unit shift of all tokens.
 
-    The formula the whitened operator approximates, evaluated on real tokens [N, d]
-    (docs/math.md, section 'First-order response of a self-attention layer').
+    The formula the whitened operator approximates, evaluated on real tokens [N, d] (docs/math.md,
+    sections 'First-order response of a self-attention layer' and 'Transformer (DiT) attention'):
+    with the layer's QK RMS-norms if it has them, ``rotations`` [N, d_h / 2, 2, 2] (each token's
+    rotary matrices, applied to consecutive pairs of query and key features after the norm), and
+    ``context``: (keys, values), each [heads, M, d_h], tokens the queries also attend to that the
+    shift does not move (joint attention's text tokens), keys as the scores see them.
     """
     heads, scale = weights.heads, weights.head_width ** -0.5
-    q, k, v = (rearrange(tokens @ w.T, "n (h e) -> h n e", h=heads) for w in (weights.q, weights.k, weights.v))
+    w_q, w_k, w_v = (rearrange(w, "(h e) d -> h e d", h=heads) for w in (weights.q, weights.k, weights.v))
+    q, d_q = _normed(_project(tokens, w_q, weights.q_bias), w_q, weights.q_norm, weights.norm_eps)
+    k, d_k = _normed(_project(tokens, w_k, weights.k_bias), w_k, weights.k_norm, weights.norm_eps)
+    if rotations is not None:
+        q, d_q, k, d_k = (_rotated(t, rotations) for t in (q, d_q, k, d_k))
+    values = _project(tokens, w_v, weights.v_bias)
+    moving = tokens.shape[0]
+    if context is not None:
+        k, values = torch.cat([k, context[0]], dim=1), torch.cat([values, context[1]], dim=1)
+        d_k = torch.cat([d_k, d_k.new_zeros(heads, context[0].shape[1], *d_k.shape[2:])], dim=1)
     attn = torch.softmax(torch.einsum("hie,hje->hij", q, k) * scale, dim=-1)
-    v_mean, k_mean = attn @ v, attn @ k
-    covariance = (torch.einsum("hij,hje,hjf->hief", attn, v, k)
-                  - torch.einsum("hie,hif->hief", v_mean, k_mean))
-    w_q = rearrange(weights.q, "(h e) d -> h e d", h=heads)
-    w_v = rearrange(weights.v, "(h e) d -> h e d", h=heads)
-    per_head = w_v[:, None] + scale * torch.einsum("hief,hfd->hied", covariance, w_q)
+    d_scores = (torch.einsum("hje,hied->hijd", k, d_q) + torch.einsum("hie,hjed->hijd", q, d_k)) * scale
+    centred = values[:, None] - (attn @ values)[:, :, None]
+    per_head = (attn[..., :moving].sum(-1)[..., None, None] * w_v[:, None]
+                + torch.einsum("hij,hije,hijd->hied", attn, centred, d_scores))
     w_o = rearrange(weights.out, "o (h e) -> h o e", h=heads)
     return torch.einsum("hoe,hied->iod", w_o, per_head)
+
+
+def _project(tokens, weight, bias):
+    """[N, d] -> [h, N, e] through one head-split projection [h, e, d] and its bias [h * e], if any."""
+    projected = torch.einsum("hed,nd->hne", weight, tokens)
+    return projected if bias is None else projected + rearrange(bias, "(h e) -> h 1 e", h=weight.shape[0])
+
+
+def _normed(projected, weight, gain, eps):
+    """(features [h, N, e], their derivatives per unit input shift [h, N, e, d]), through an RMS norm with
+    ``gain`` if there is one: d(g u / r) = g (I - u u^T / (e r^2)) du / r, r = sqrt(mean(u^2) + eps)."""
+    if gain is None:
+        return projected, weight[:, None].expand(-1, projected.shape[1], -1, -1)
+    rms = (projected.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+    unit = projected / rms
+    d_unit = (weight[:, None] - torch.einsum("hne,hnf,hfd->hned", unit, unit, weight) / projected.shape[-1]) / rms[..., None]
+    return gain * unit, gain[:, None] * d_unit
+
+
+def _rotated(features, rotations):
+    """Rotate consecutive feature pairs of [h, N, e] or [h, N, e, d] by each token's [N, e/2, 2, 2] matrices."""
+    paired = rearrange(features, "h n (p c) ... -> h n p c ...", c=2)
+    return rearrange(torch.einsum("nprc,hnpc...->hnpr...", rotations, paired), "h n p r ... -> h n (p r) ...")

@@ -2,8 +2,9 @@
 
 A set holds, for one or more sites of one model, k orthonormal-or-at-least-unit vectors of the
 site's width with their gains where the method gives them. A site is named by where it lives:
-the input of a self-attention layer (its module path under the UNet, ending in ``.attn1``),
-h-space (the middle block's output) or the latent itself.
+the input of a UNet self-attention layer (its module path under the UNet, ending in ``.attn1``),
+the image-token attention input of a transformer (DiT) block (a path ending in ``.img_attn`` or
+``.attn``), h-space (the middle block's output) or the latent itself.
 """
 import hashlib
 import json
@@ -17,7 +18,9 @@ from . import __version__
 HSPACE = "h_space"
 LATENT = "latent"
 ATTN1 = "attn1"
+DIT = "dit_attention"
 _ATTN1_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*\.attn1$")
+_DIT_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*\.(img_attn|attn)$")
 UNIT_NORM_TOLERANCE = 1e-3
 
 
@@ -26,14 +29,17 @@ class DirectionError(ValueError):
 
 
 def site_kind(name: str) -> str:
-    """Which kind of site a name denotes: ``attn1``, ``h_space`` or ``latent``."""
+    """Which kind of site a name denotes: ``attn1``, ``dit_attention``, ``h_space`` or ``latent``."""
     if name in (HSPACE, LATENT):
         return name
     if isinstance(name, str) and _ATTN1_PATH.match(name):
         return ATTN1
+    if isinstance(name, str) and _DIT_PATH.match(name):
+        return DIT
     raise DirectionError(
         f"site {name!r} is not a known site: expected a self-attention module path ending in "
-        f"'.attn1' (e.g. 'input_blocks.7.1.transformer_blocks.0.attn1'), '{HSPACE}' or '{LATENT}'")
+        f"'.attn1' (e.g. 'input_blocks.7.1.transformer_blocks.0.attn1'), a transformer block's attention "
+        f"ending in '.img_attn' or '.attn' (e.g. 'double_blocks.3.img_attn'), '{HSPACE}' or '{LATENT}'")
 
 
 def model_fingerprint(family: str, widths: dict) -> str:

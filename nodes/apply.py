@@ -173,7 +173,7 @@ def check_made_for(model, directions, sites) -> None:
     for site in sites:
         kind, width = site_kind(site), directions.sites[site].width
         if kind == ATTN1:
-            widths = widths or host.layer_widths(host.attention_layers(model))
+            widths = widths or host.site_widths(model)
             found = widths.get(site)
         elif kind == HSPACE:
             found = host.hspace_width(model)

@@ -20,8 +20,9 @@ _results = weakref.WeakKeyDictionary()
 
 class DiscoverAttentionEigendirections:
     DESCRIPTION = (
-        "Finds editing directions from the weights of the UNet's self-attention (attn1) layers alone: "
-        "no images, no training. For each layer, the unit shifts of its input that move its output "
+        "Finds editing directions from the weights of the model's self-attention layers alone (a UNet's attn1 "
+        "layers, a Flux transformer's image attention): no images, no training. For each layer, the unit shifts "
+        "of its input that move its output "
         "most (top right singular vectors of the layer's combined query-key-value matrix), strongest "
         "first, with their gains. LoRAs on the MODEL are taken into account; weights are never changed. "
         f"Supports {host.SUPPORTED_FAMILIES}.")
@@ -37,8 +38,8 @@ class DiscoverAttentionEigendirections:
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to analyse; a LoRA'd model gives the LoRA'd directions."}),
             "layers": ("STRING", {"default": "all", "tooltip":
-                       "all, input, middle or output; or comma-separated layer paths or prefixes, "
-                       "e.g. 'input_blocks.7, middle_block'."}),
+                       "all; input, middle or output (UNets); double or single (Flux); or comma-separated layer "
+                       "paths or prefixes, e.g. 'input_blocks.7, middle_block' or 'double_blocks.3'."}),
             "count": ("INT", {"default": 10, "min": 1, "max": 1280, "tooltip": "Directions per layer."}),
             "method": (list(METHODS), {"default": "whitened", "tooltip":
                        "whitened: value path plus the keys' tilt of attention, assuming whitened tokens "
@@ -51,9 +52,9 @@ class DiscoverAttentionEigendirections:
 
     def discover(self, model, layers, count, method, token_variance):
         finite("token_variance", token_variance)
-        modules = host.attention_layers(model)
-        chosen = host.select_layers(list(modules), layers)
-        widths = host.layer_widths(modules)
+        sites = host.attention_sites(model)
+        chosen = host.select_layers(list(sites), layers)
+        widths = {path: site.width for path, site in sites.items()}
         too_wide = [p for p in chosen if count > widths[p]]
         if too_wide:
             raise ValueError(f"count: {count} is more than the width of {too_wide[0]} "
@@ -63,7 +64,7 @@ class DiscoverAttentionEigendirections:
                   "token_variance": token_variance}
         key = (model.patches_uuid, params["layers"], count, method, token_variance, str(device))
         cache = _results.setdefault(model.model, {})
-        dset = cache.pop(key, None) or self._compute(model, modules, chosen, device, params)
+        dset = cache.pop(key, None) or self._compute(model, sites, chosen, device, params)
         cache[key] = dset  # most recently used last
         while len(cache) > _CACHE_PER_MODEL:
             cache.pop(next(iter(cache)))
@@ -71,27 +72,27 @@ class DiscoverAttentionEigendirections:
         return (dset, spectrum)
 
     @staticmethod
-    def _compute(model, modules, chosen, device, params) -> DirectionSet:
+    def _compute(model, sites, chosen, device, params) -> DirectionSet:
         key_patches = model.get_key_patches("diffusion_model.")
         progress = comfy.utils.ProgressBar(len(chosen))
 
         @torch.no_grad()
         def layer_directions(path):
-            weights = host.read_attention_weights(model, key_patches, path, modules[path].heads, device)
+            weights = sites[path].read(key_patches, device)
             vectors, gains = attention_directions(weights, params["count"], params["method"], params["token_variance"])
             return SiteDirections(vectors.float().cpu(), gains.float().cpu())
-        sites = {}
+        found = {}
         with layer_pool(device) as pool:
             futures = [pool.submit(layer_directions, path) for path in chosen]
             try:
                 for path, future in zip(chosen, futures):
-                    sites[path] = future.result()
+                    found[path] = future.result()
                     progress.update(1)
                     comfy.model_management.throw_exception_if_processing_interrupted()
             finally:
                 for future in futures:
                     future.cancel()
-        return DirectionSet(sites=sites, method=f"attention-{params['method']}", params=params,
+        return DirectionSet(sites=found, method=f"attention-{params['method']}", params=params,
                             model=host.made_for(model))
 
 

@@ -126,7 +126,7 @@ class DirectionsFromImage:
         finite("cfg", cfg)
         samples = latent["samples"][:1]
         sites = host.select_layers(host.site_paths(model), site, input_name="site")
-        widths = {**host.layer_widths(host.attention_layers(model)), HSPACE: host.hspace_width(model)}
+        widths = {**host.site_widths(model), HSPACE: host.hspace_width(model)}
         weights = None if mask is None else latent_weights(as_mask_batch(mask)[:1], samples.shape)
         if weights is not None and not weights.any():
             raise ValueError("mask: it is empty at the latent's resolution; paint the region the edit should change")

@@ -74,7 +74,7 @@ def seeded_weights(module: torch.nn.Module, seed: int, dtype) -> dict:
         if tensor.ndim >= 2:
             fan_in = tensor[0].numel()
             value = torch.randn(tensor.shape, generator=generator) / fan_in ** 0.5
-        elif name.endswith("weight"):
+        elif name.endswith(("weight", "scale")):  # norm gains (RMS norms call theirs 'scale')
             value = 1 + 0.1 * torch.randn(tensor.shape, generator=generator)
         else:
             value = 0.02 * torch.randn(tensor.shape, generator=generator)

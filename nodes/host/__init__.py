@@ -1,11 +1,13 @@
 """Everything the pack reads from the host's internals, in one place, so a host change is a local change.
 
-A UNet's self-attention layers and their weights as a patcher sees them; the attention-layer path
-format; how the host lays out a model batch (cond/uncond chunks) and the keys its patches receive;
+A model's attention sites and their weights as a patcher sees them (UNet self-attention layers here,
+transformer blocks in :mod:`.dit`); the attention-layer path format; how the host lays out a model batch (cond/uncond chunks) and the keys its patches receive;
 its model sampling (sigma schedule, flow or not, noise scaling) and latent format; its ancestral step.
 """
 import logging
 import re
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -17,12 +19,14 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
-from ..directions.apply import Rows
-from ..directions.attention import AttentionWeights
-from ..directions.directionset import HSPACE, model_fingerprint
+from ...directions.apply import Rows
+from ...directions.attention import AttentionWeights
+from ...directions.directionset import HSPACE, model_fingerprint
+from . import dit
 
-SUPPORTED_FAMILIES = "SD1.x, SD2.x, SDXL and other UNets of the same block structure"
-GROUPS = {"all": "", "input": "input_blocks", "middle": "middle_block", "output": "output_blocks"}
+UNET_FAMILIES = "SD1.x, SD2.x, SDXL and other UNets of the same block structure"
+SUPPORTED_FAMILIES = f"{UNET_FAMILIES}; {dit.FAMILIES}"
+GROUPS = {"all": "", "input": "input_blocks", "middle": "middle_block", "output": "output_blocks", **dit.GROUPS}
 _PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
 # The attention-layer path format, e.g. 'input_blocks.7.1.transformer_blocks.0.attn1': the UNet block,
 # the module inside it, and the transformer block's index.
@@ -46,21 +50,42 @@ def family(patcher) -> str:
 
 
 def attention_layers(patcher) -> dict:
-    """Every self-attention (attn1) module of the UNet by path, in the UNet's order."""
+    """Every self-attention (attn1) module of a UNet by path, in the UNet's order; {} for other models."""
     unet = getattr(patcher.model, "diffusion_model", None)
-    layers = {} if unet is None else {
+    return {} if unet is None else {
         name: module for name, module in unet.named_modules()
         if name.endswith(".attn1") and all(hasattr(module, p.split(".")[0]) for p in _PROJECTIONS)
         and hasattr(module, "heads")}
-    if not layers:
-        raise ValueError(f"model: no UNet self-attention layers found in this {family(patcher)} model; "
-                         f"attention eigendirections support {SUPPORTED_FAMILIES} (not Flux, SD3 or "
-                         f"other transformer-only models)")
-    return layers
 
 
-def layer_widths(layers: dict) -> dict:
-    return {name: module.to_q.weight.shape[1] for name, module in layers.items()}
+@dataclass(frozen=True)
+class AttentionSite:
+    """A self-attention site: its heads, its input width, and ``read(key_patches, device)``, its weights."""
+    heads: int
+    width: int
+    read: Callable
+
+
+def attention_sites(patcher) -> dict:
+    """Every self-attention site by path, in the model's order: a UNet's attn1 layers, or a transformer's image
+    attention (:mod:`.dit`). Other models are refused by name."""
+    layers = attention_layers(patcher)
+    if layers:
+        return {path: AttentionSite(module.heads, module.to_q.weight.shape[1],
+                                    lambda key_patches, device, path=path, heads=module.heads:
+                                    read_attention_weights(key_patches, path, heads, device))
+                for path, module in layers.items()}
+    blocks = dit.sites(patcher)
+    if blocks:
+        return {path: AttentionSite(site.heads, site.width, lambda key_patches, device, site=site:
+                                    dit.read_weights(key_patches, site, device, read_weight))
+                for path, site in blocks.items()}
+    raise ValueError(f"model: no self-attention layers found in this {family(patcher)} model; the pack supports "
+                     f"{SUPPORTED_FAMILIES} (not SD3, Qwen-Image or other models yet)")
+
+
+def site_widths(patcher) -> dict:
+    return {path: site.width for path, site in attention_sites(patcher).items()}
 
 
 def select_layers(paths: list, spec: str, input_name: str = "layers") -> list:
@@ -77,22 +102,22 @@ def select_layers(paths: list, spec: str, input_name: str = "layers") -> list:
     return [p for p in paths if p in chosen]
 
 
-def read_attention_weights(patcher, key_patches: dict, path: str, heads: int, device) -> AttentionWeights:
-    """One layer's q, k, v and out weights in float32 on ``device``, with this patcher's patches merged.
+def read_weight(key_patches: dict, key: str, device) -> torch.Tensor:
+    """One weight in float32 on ``device``, this patcher's patches merged.
 
     ``key_patches`` is ``patcher.get_key_patches("diffusion_model.")``: the stored weight (the
     original, even when another clone's LoRA is currently merged into the live module), its
     dequantizing convert function, and this patcher's own patch list. Nothing is written back.
     """
-    tensors = []
-    for projection in _PROJECTIONS:
-        key = f"diffusion_model.{path}.{projection}.weight"
-        (weight, convert), *patches = key_patches[key]
-        weight = convert(weight, inplace=False).to(device=device, dtype=torch.float32)
-        if patches:
-            weight = comfy.lora.calculate_weight(patches, weight.clone(), key)
-        tensors.append(weight)
-    return AttentionWeights(*tensors, heads=heads)
+    (weight, convert), *patches = key_patches[key]
+    weight = convert(weight, inplace=False).detach().to(device=device, dtype=torch.float32)
+    return comfy.lora.calculate_weight(patches, weight.clone(), key) if patches else weight
+
+
+def read_attention_weights(key_patches: dict, path: str, heads: int, device) -> AttentionWeights:
+    """A UNet attention layer's q, k, v and out weights (see :func:`read_weight`)."""
+    return AttentionWeights(*(read_weight(key_patches, f"diffusion_model.{path}.{projection}.weight", device)
+                              for projection in _PROJECTIONS), heads=heads)
 
 
 def block_of(path: str) -> str:
@@ -122,7 +147,11 @@ def block_key(path: str):
 
 def site_paths(patcher) -> list:
     """Every site a direction can be recorded or applied at: the attn1 layers, then h-space."""
-    return [*attention_layers(patcher), HSPACE]
+    layers = attention_layers(patcher)
+    if not layers:
+        raise ValueError(f"model: no UNet self-attention layers found in this {family(patcher)} model; this node "
+                         f"supports {UNET_FAMILIES} (not {dit.FAMILIES} yet)")
+    return [*layers, HSPACE]
 
 
 def sampling_inputs() -> dict:
@@ -163,7 +192,7 @@ def hspace_width(patcher) -> int:
     middle = getattr(getattr(patcher.model, "diffusion_model", None), "middle_block", None)
     if middle is None:
         raise ValueError(f"model: this {family(patcher)} model has no UNet middle block, so no h-space; "
-                         f"h-space directions support {SUPPORTED_FAMILIES}")
+                         f"h-space directions support {UNET_FAMILIES}")
     return middle[-1].out_channels
 
 
@@ -178,7 +207,7 @@ def fingerprint(patcher) -> str:
     A fine-tune or a LoRA of a base model shares its fingerprint (the directions fit it); another
     family, or the same family built with other widths, does not.
     """
-    return model_fingerprint(family(patcher), layer_widths(attention_layers(patcher)))
+    return model_fingerprint(family(patcher), site_widths(patcher))
 
 
 def batch_rows(options: dict, count: int, passes: tuple) -> Rows:
