@@ -87,7 +87,7 @@ class DirectionEdit:
         coefficients = self.coefficients(site, tokens, grid, rows)
         if coefficients is None:
             return tokens
-        return tokens + coefficients[..., None] * self._on(site, tokens)
+        return tokens + coefficients[..., None] * self.vector(site, tokens)
 
     def coefficients(self, site: str, tokens: torch.Tensor, grid: tuple, rows: Rows) -> torch.Tensor | None:
         """[B, N]: how far each token moves along the site's direction (strength x image scale x mask weight),
@@ -104,7 +104,8 @@ class DirectionEdit:
         weights = self._mask_on(grid, tokens)
         return scale * weights[image_on % weights.shape[0]]
 
-    def _on(self, site, like):
+    def vector(self, site, like):
+        """The site's shift at alpha 1 per unit scale, on ``like``'s device and dtype."""
         key = (site, like.device, like.dtype)
         if key not in self._moved:
             self._moved[key] = self.directions[site].to(like.device, like.dtype)

@@ -2,7 +2,7 @@
 
 
 from ..directions.apply import DirectionEdit, shift_feature_map
-from ..directions.directionset import ATTN1, HSPACE, site_kind
+from ..directions.directionset import ATTN1, DIT, HSPACE, site_kind
 from . import host
 from .common import CATEGORY, DIRECTIONS, finite, finite_tensor, parse_numbers
 
@@ -66,11 +66,34 @@ class HSpacePatch(_Patch):
         return shifted, hsp
 
 
+class DitShift:
+    """A transformer site's edit on its linear's output: the q, k and v rows move by the shift's image under the
+    linear (coefficients x W n), on the latent's image tokens only; text and reference-image tokens stay."""
+
+    def __init__(self, patch: _Patch, path: str, site):
+        self.patch, self.path, self.site = patch, path, site
+
+    def __call__(self, call, x, out, image_of):
+        options = call.options
+        if options.get(host.UNEDITED) == "all" or not host.has_batch_keys(options, grid=False):
+            return out
+        tokens = host.dit.image_token_range(self.site, call)
+        coefficients = self.patch.edit.coefficients(self.path, x[:, tokens], call.grid,
+                                                    self.patch.rows(options, x.shape[0]))
+        if coefficients is None:
+            return out
+        moved = image_of(self.patch.edit.vector(self.path, x))[:self.site.qkv_rows]
+        out = out.clone()
+        out[:, tokens, :self.site.qkv_rows] += coefficients[..., None] * moved
+        return out
+
+
 def edits_on(model_options: dict) -> list:
     """The DirectionEdits that Apply Direction nodes put on a model (read by the Asyrp sampler)."""
-    patches = model_options.get("transformer_options", {}).get("patches", {})
+    options = model_options.get("transformer_options", {})
+    patches = options.get("patches", {})
     return [p.edit for key in ("attn1_patch", "output_block_patch") for p in patches.get(key, [])
-            if isinstance(p, _Patch)]
+            if isinstance(p, _Patch)] + list(options.get(host.DIT_EDITS, []))
 
 
 class ApplyDirection:
@@ -140,6 +163,12 @@ class ApplyDirection:
             patched.set_model_attn1_patch(Attn1Patch(edit, host.PASSES[apply_to], attention_sites))
         if HSPACE in sites:
             patched.set_model_output_block_patch(HSpacePatch(edit, host.PASSES[apply_to]))
+        transformer_sites = [s for s in sites if site_kind(s) == DIT]
+        if transformer_sites:
+            patch, blocks = _Patch(edit, host.PASSES[apply_to]), host.dit.sites(model)
+            host.dit.add_shifts(patched, [(blocks[path], DitShift(patch, path, blocks[path])) for path in transformer_sites])
+            options = patched.model_options.setdefault("transformer_options", {})
+            options[host.DIT_EDITS] = [*options.get(host.DIT_EDITS, []), edit]
         return (patched,)
 
 
@@ -172,7 +201,7 @@ def check_made_for(model, directions, sites) -> None:
     widths = None
     for site in sites:
         kind, width = site_kind(site), directions.sites[site].width
-        if kind == ATTN1:
+        if kind in (ATTN1, DIT):
             widths = widths or host.site_widths(model)
             found = widths.get(site)
         elif kind == HSPACE:

@@ -79,6 +79,9 @@ class DiscoverAttentionEigendirections:
         @torch.no_grad()
         def layer_directions(path):
             weights = sites[path].read(key_patches, device)
+            if not all(torch.isfinite(w).all() for w in (weights.q, weights.k, weights.v, weights.out)):
+                raise ValueError(f"model: the attention weights of {path} hold NaN or infinite values; load a "
+                                 f"working checkpoint (or check the LoRA's strength)")
             vectors, gains = attention_directions(weights, params["count"], params["method"], params["token_variance"])
             return SiteDirections(vectors.float().cpu(), gains.float().cpu())
         found = {}

@@ -171,14 +171,13 @@ def test_bad_inputs_get_clear_errors(host, tiny):
         node.discover(patcher, "all", 40, "whitened", 1.0)
 
 
-def transformer_only_flux():
-    """A tiny Flux (a transformer-only model) built from the host's classes."""
+def transformer_sd3():
+    """A tiny SD3 (MMDiT, a transformer family the pack does not support yet) built from the host's classes."""
     import comfy.supported_models
-    config = comfy.supported_models.Flux({
-        "image_model": "flux", "in_channels": 16, "out_channels": 16, "patch_size": 2, "vec_in_dim": 32,
-        "context_in_dim": 32, "hidden_size": 64, "mlp_ratio": 2.0, "num_heads": 2, "depth": 1,
-        "depth_single_blocks": 1, "axes_dim": [8, 12, 12], "theta": 10000, "qkv_bias": True,
-        "guidance_embed": True, "dtype": torch.float32})
+    config = comfy.supported_models.SD3({
+        "in_channels": 16, "pos_embed_scaling_factor": None, "depth": 2, "patch_size": 2, "adm_in_channels": 32,
+        "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}},
+        "pos_embed_max_size": 16, "num_patches": 256, "out_channels": 16, "qk_norm": "rms", "dtype": torch.float32})
     config.set_inference_dtype(torch.float32, None)
     return config.get_model({})
 
@@ -193,12 +192,12 @@ def unet_without_attention():
     return config.get_model({})
 
 
-@pytest.mark.parametrize("build", [transformer_only_flux, unet_without_attention])
-def test_models_without_unet_self_attention_name_the_supported_families(host, tiny, build):
+@pytest.mark.parametrize("build", [transformer_sd3, unet_without_attention])
+def test_models_without_supported_self_attention_name_the_supported_families(host, tiny, build):
     import comfy.model_patcher
     patcher = comfy.model_patcher.ModelPatcher(build(), torch.device("cpu"), torch.device("cpu"))
-    with pytest.raises(ValueError, match="model: no UNet self-attention layers found in this (Flux|SD15) "
-                                         "model; .* support SD1.x, SD2.x, SDXL"):
+    with pytest.raises(ValueError, match="model: no self-attention layers found in this (SD3|SD15) model; the "
+                                         "pack supports SD1.x, SD2.x, SDXL .*; Flux, Flux.2 and Chroma"):
         tiny[1].discover(patcher, "all", 4, "whitened", 1.0)
 
 

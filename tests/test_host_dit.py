@@ -190,3 +190,172 @@ def test_discover_reads_every_flux_attention_site(host, flux):
             assert torch.allclose(dset.sites[path].gains, gains, rtol=1e-5)
     dset, _ = node.discover(patcher, "single", 2, "value", 1.0)
     assert list(dset.sites) == ["single_blocks.0.attn", "single_blocks.1.attn"]
+
+
+class FluxKit:
+    """A tiny Flux, directions discovered on it, and sampling through the host's KSampler path."""
+
+    def __init__(self, host, build_flux):
+        import comfy.samplers
+        self.host, self.samplers = host, comfy.samplers
+        registry = host.nodes.NODE_CLASS_MAPPINGS
+        self.apply_node = registry["ApplyDirection"]()
+        self.model = build_flux(seed=5)
+        self.directions = registry["DiscoverAttentionEigendirections"]().discover(self.model, "all", 2, "whitened", 1.0)[0]
+
+    def apply(self, model=None, layer="all", alpha=0.5, start=0.0, end=1.0, mask=None, alpha_list="", apply_to="both"):
+        return self.apply_node.apply(model or self.model, self.directions, 0, layer, alpha, start, end, apply_to,
+                                     mask=mask, alpha_list=alpha_list)[0]
+
+    def sample(self, model, steps=4, batch=1, cfg=1.0):
+        latent = {"samples": torch.zeros(batch, 16, 2 * GRID[0], 2 * GRID[1])}
+        return self.host.nodes.common_ksampler(model, 0, steps, cfg, "euler", "simple", text(1), text(2),
+                                               latent)[0]["samples"]
+
+    def sigmas(self, steps):
+        return self.samplers.calculate_sigmas(self.model.get_model_object("model_sampling"), "simple", steps)
+
+
+def text(seed):
+    """Seeded stand-ins for Flux's T5 tokens and CLIP pooled vector, at the tiny Flux's widths."""
+    generator = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, TEXT, 32, generator=generator), {"pooled_output": torch.randn(1, 16, generator=generator)}]]
+
+
+@pytest.fixture(scope="module")
+def flux_kit(host, flux):
+    return FluxKit(host, flux)
+
+
+class Recording:
+    """A DIFFUSION_MODEL wrapper put on a clone after the edits, so that inside each model call it hooks the module at
+    ``path`` after the edits' hooks: every call's (input, output) as the model used them. The edits' own calls
+    that map a single vector (2-D inputs) are left out."""
+
+    def __init__(self, path):
+        self.path, self.calls = path, []
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, executor, *args, **kwargs):
+        def hook(module, inputs, out):
+            if inputs[0].ndim == 3:
+                self.calls.append((inputs[0].detach().clone(), out.detach().clone()))
+        handle = executor.class_obj.get_submodule(self.path).register_forward_hook(hook)
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            handle.remove()
+
+
+def recorded(patcher, path):
+    """(a clone of ``patcher`` that records the module at ``path``, its list of calls, the host's module)."""
+    import comfy.patcher_extension
+    recording, clone = Recording(path), patcher.clone()
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test recording", recording)
+    return clone, recording.calls, patcher.model.diffusion_model.get_submodule(path)
+
+
+@pytest.mark.parametrize("site, linear, text_tokens", [("double_blocks.1.img_attn", "double_blocks.1.img_attn.qkv", 0),
+                                                       ("single_blocks.0.attn", "single_blocks.0.linear1", TEXT)])
+def test_apply_moves_the_attention_input_on_edited_steps_only(flux_kit, site, linear, text_tokens):
+    """At a Flux site the q, k and v rows of the linear's output move by exactly the linear image of alpha x rms x n
+    (rms over the image's tokens) on steps inside the range, on image tokens only; the MLP rows and text tokens
+    never move."""
+    steps, alpha = 6, 0.5
+    patched, calls, module = recorded(flux_kit.apply(layer=site, alpha=alpha, start=0.3, end=0.7), linear)
+    flux_kit.sample(patched, steps=steps)
+    assert len(calls) == steps
+    sampling = flux_kit.model.get_model_object("model_sampling")
+    low, high = sampling.percent_to_sigma(0.7), sampling.percent_to_sigma(0.3)
+    direction = flux_kit.directions.sites[site].vectors[0].double()
+    weight, bias = module.weight.detach().double(), module.bias.detach().double()
+    qkv_rows = 3 * 32
+    edited = 0
+    for (x, out), sigma in zip(calls, flux_kit.sigmas(steps)[:-1]):
+        x, change = x.double(), out.double() - (x.double() @ weight.T + bias)
+        image = slice(text_tokens, text_tokens + GRID[0] * GRID[1])
+        expected = torch.zeros_like(change)
+        if low <= sigma <= high:
+            edited += 1
+            rms = x[:, image].pow(2).sum(-1).mean(-1).sqrt()
+            expected[:, image, :qkv_rows] = (alpha * rms[:, None, None] * (weight[:qkv_rows] @ direction))
+        # float32 products of entries near 1 over a width of 32: errors near 32 float32 eps of the output's size
+        assert (change - expected).abs().max() <= 1e-5 * out.abs().max(), float((change - expected).abs().max())
+    assert 0 < edited < steps
+
+
+def test_alpha_zero_is_bit_identical_and_weights_never_change(flux_kit):
+    """alpha 0 samples exactly as the unpatched model; the edit changes the sample; neither the host's weights
+    nor the model it was applied to change (a clone is patched), and chained edits compose."""
+    model = flux_kit.model
+    before = {name: p.detach().clone() for name, p in model.model.state_dict().items()}
+    reference = flux_kit.sample(model)
+    assert torch.equal(flux_kit.sample(flux_kit.apply(alpha=0.0)), reference)
+    edited = flux_kit.sample(flux_kit.apply(alpha=1.0))
+    assert not torch.equal(edited, reference) and torch.isfinite(edited).all()
+    chained = flux_kit.sample(flux_kit.apply(flux_kit.apply(layer="double_blocks.0", alpha=1.0), layer="single", alpha=1.0))
+    assert not torch.equal(chained, edited)
+    assert torch.equal(flux_kit.sample(model), reference)
+    assert all(torch.equal(p, before[name]) for name, p in model.model.state_dict().items())
+
+
+def test_mask_and_alpha_list_on_the_patch_grid(flux_kit):
+    """A mask restricts the shift to the image tokens it covers (resized to the patch grid); alpha_list gives each
+    image of the batch its own strength."""
+    site, linear = "double_blocks.0.img_attn", "double_blocks.0.img_attn.qkv"
+    mask = torch.zeros(2 * GRID[0] * 8, 2 * GRID[1] * 8)
+    mask[:, : mask.shape[1] // 2] = 1  # the left half of the image: the left two of four token columns
+    patched, calls, module = recorded(flux_kit.apply(layer=site, alpha=0.0, alpha_list="0.5, -1", mask=mask), linear)
+    flux_kit.sample(patched, steps=2, batch=2)
+    x, out = calls[0]
+    change = (out.double() - (x.double() @ module.weight.detach().double().T + module.bias.detach().double()))
+    change = change.reshape(2, GRID[0], GRID[1], -1)
+    assert change[:, :, 2:].abs().max() <= 1e-5 * out.abs().max()  # outside the mask: unchanged
+    left = change[:, :, :2].flatten(1, 2)
+    ratio = left[1].norm(dim=-1) / left[0].norm(dim=-1)  # same direction, strengths -1 and 0.5 over each image's rms
+    rms = x.double().pow(2).sum(-1).mean(-1).sqrt()
+    assert torch.allclose(ratio, 2 * rms[1] / rms[0] * torch.ones_like(ratio), rtol=1e-4)
+
+
+def test_lora_and_half_precision_flux(flux_kit, flux):
+    """A LoRA on the site's linear: Discover reads the patched weights, and the edit's shift is the image under the
+    patched weights (the object patch shares the host's parameters, so the host still patches them by name).
+    A float16 Flux samples an edit to finite values."""
+    site, linear = "single_blocks.1.attn", "single_blocks.1.linear1"
+    key = f"diffusion_model.{linear}.weight"
+    delta = 0.2 * torch.randn(flux_kit.model.model.state_dict()[key].shape, generator=torch.Generator().manual_seed(9))
+    lora = flux_kit.model.clone()
+    lora.add_patches({key: (delta,)})
+    discover = flux_kit.host.nodes.NODE_CLASS_MAPPINGS["DiscoverAttentionEigendirections"]()
+    lora_set = discover.discover(lora, site, 2, "whitened", 1.0)[0]
+    assert not torch.allclose(lora_set.sites[site].vectors, flux_kit.directions.sites[site].vectors, atol=1e-3)
+    patched, calls, module = recorded(flux_kit.apply(lora, layer=site, alpha=1.0), linear)
+    weight = module.weight.detach().double() + delta.double()  # read before the host merges the LoRA while sampling
+    flux_kit.sample(patched, steps=2)
+    direction = flux_kit.directions.sites[site].vectors[0].double()
+    x, out = (t.double() for t in calls[0])
+    image = slice(TEXT, None)
+    rms = x[:, image].pow(2).sum(-1).mean(-1).sqrt()
+    expected = x @ weight.T + module.bias.detach().double()
+    expected[:, image, :96] += rms[:, None, None] * (weight[:96] @ direction)
+    assert (out - expected).abs().max() <= 1e-5 * out.abs().max()
+    half = flux(seed=5, dtype=torch.float16)
+    edited = flux_kit.sample(flux_kit.apply(half, alpha=0.5), steps=2)
+    assert torch.isfinite(edited).all() and not torch.equal(edited, flux_kit.sample(half, steps=2))
+
+
+def test_bad_weights_and_foreign_sets_are_refused_by_name(flux_kit, host):
+    """NaN in a site's weights (here through a LoRA) is a one-line error naming the site; a UNet's set on Flux
+    names both families."""
+    key = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
+    broken = flux_kit.model.clone()
+    broken.add_patches({key: (torch.full(flux_kit.model.model.state_dict()[key].shape, float("nan")),)})
+    discover = host.nodes.NODE_CLASS_MAPPINGS["DiscoverAttentionEigendirections"]()
+    with pytest.raises(ValueError, match=r"^model: the attention weights of double_blocks\.0\.img_attn hold NaN"):
+        discover.discover(broken, "all", 2, "value", 1.0)
+    from harness.test_nodes.unets import build_unet
+    unet_set = discover.discover(build_unet("sd15"), "middle", 2, "value", 1.0)[0]
+    with pytest.raises(ValueError, match="^directions: made for SD15 but this model is Flux"):
+        flux_kit.apply_node.apply(flux_kit.model, unet_set, 0, "all", 0.5, 0.0, 1.0, "both")

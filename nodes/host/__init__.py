@@ -40,6 +40,7 @@ PASSES = {"both": (COND, UNCOND), "cond": (COND,), "uncond": (UNCOND,)}
 # runs unedited) or "all" (the whole call runs unedited); SAMPLER names the sampler for the patches.
 UNEDITED = "semantic_directions_unedited"
 SAMPLER = "semantic_directions_sampler"
+DIT_EDITS = "semantic_directions_dit_edits"  # the edits Apply Direction made at transformer sites (object patches)
 ASYRP = "asyrp"
 
 ancestral_split = comfy.k_diffusion.sampling.get_ancestral_step
@@ -96,8 +97,9 @@ def select_layers(paths: list, spec: str, input_name: str = "layers") -> list:
         matches = {p for p in paths if item == "all" or p == prefix or p.startswith(prefix + ".")}
         if not item or not matches:
             blocks = dict.fromkeys(block_of(p) for p in paths)
+            groups = [g for g, prefix in GROUPS.items() if any(p.startswith(prefix) for p in paths)]
             raise ValueError(f"{input_name}: {item!r} names none of the layers here; use groups "
-                             f"({', '.join(GROUPS)}), or paths or prefixes among: {', '.join(blocks)}")
+                             f"({', '.join(groups)}), or paths or prefixes among: {', '.join(blocks)}")
         chosen |= matches
     return [p for p in paths if p in chosen]
 

@@ -12,8 +12,6 @@ A site's tokens are the image tokens of the linear's input (the block's modulate
 Apply Direction moves them by changing only the q, k and v rows of that linear's output, which is
 exact (the map is linear) and leaves the MLP and the text tokens untouched.
 """
-import contextvars
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -77,18 +75,23 @@ def read_weights(key_patches: dict, site: DitSite, device, read_weight) -> Atten
 
 @dataclass(frozen=True)
 class ModelCall:
-    """What a shifted linear needs to know of the model call it runs in."""
+    """What a shift needs to know of the model call it runs in."""
     options: dict  # the call's transformer_options (sigmas, cond_or_uncond, ...)
     grid: tuple  # the latent's image tokens, (rows, columns)
     text_tokens: int  # tokens before the image tokens in a joint sequence
 
 
-_CALL = contextvars.ContextVar("semantic_directions_model_call", default=None)
+class ShiftsDuringCalls:
+    """DIFFUSION_MODEL wrapper that, for the duration of each model call, hooks the sites' linears so their outputs
+    also get ``shift(call, x, out, image_of)``'s change, and removes the hooks when the call ends.
 
+    Only a clone carrying this wrapper ever runs with the hooks, weights are never touched (the host still loads,
+    casts and LoRA-patches them as usual), and chained edits nest. ``image_of(vector)`` is the linear's image of a
+    vector (the linear on the vector and on zero, differenced), so shifts stay exact under any patching.
+    """
 
-class CallRecorder:
-    """DIFFUSION_MODEL wrapper: makes the call's options, token grid and text length visible to the shifted
-    linears for the duration of the call (they see only their input)."""
+    def __init__(self, shifts: list):
+        self.shifts = shifts  # [(DitSite, shift)]
 
     def __deepcopy__(self, memo):
         return self
@@ -97,51 +100,47 @@ class CallRecorder:
         options = kwargs.get("transformer_options")
         if options is None:
             options = next((a for a in args if isinstance(a, dict) and "sigmas" in a), {})
-        patch = executor.class_obj.patch_size
-        grid = ((x.shape[-2] + patch // 2) // patch, (x.shape[-1] + patch // 2) // patch)
-        token = _CALL.set(ModelCall(options, grid, context.shape[1] if context is not None else 0))
+        model = executor.class_obj
+        patch = model.patch_size
+        call = ModelCall(options, ((x.shape[-2] + patch // 2) // patch, (x.shape[-1] + patch // 2) // patch),
+                         context.shape[1] if context is not None else 0)
+        handles = [model.get_submodule(site.linear).register_forward_hook(_OutputShift(call, shift))
+                   for site, shift in self.shifts]
         try:
             return executor(x, timestep, context, *args, **kwargs)
         finally:
-            _CALL.reset(token)
+            for handle in handles:
+                handle.remove()
 
 
-def current_call() -> ModelCall | None:
-    return _CALL.get()
+class _OutputShift:
+    """One linear's forward hook for one call; the linear's own calls made to map a vector pass through."""
 
+    def __init__(self, call: ModelCall, shift):
+        self.call, self.shift, self.mapping = call, shift, False
 
-def shift_linear(patcher, site: DitSite, shift) -> None:
-    """Object-patch the site's linear on ``patcher`` (a clone) so its output also gets ``shift(call, x, out,
-    image_of)``'s change; earlier shifts on the same linear stay. The patch is a shallow copy of the host's
-    module sharing its parameters, so the host still loads, casts and LoRA-patches the weights under their
-    own names; the shifts see the image of a vector under the linear through ``image_of``."""
-    name = f"diffusion_model.{site.linear}"
-    current = patcher.get_model_object(name)
-    shifted = copy.copy(current)
-    shifts = (*getattr(current, "semantic_directions_shifts", ()), shift)
-    forward = type(current).forward
-
-    def shifted_forward(x, *args, **kwargs):
-        out = forward(shifted, x, *args, **kwargs)
-        call = _CALL.get()
-        if call is None:
-            return out
+    def __call__(self, module, args, out):
+        if self.mapping:
+            return None
+        x = args[0]
 
         def image_of(vector):
-            pair = torch.stack([vector.to(x.dtype), torch.zeros_like(vector, dtype=x.dtype)])
-            mapped = forward(shifted, pair)
+            self.mapping = True
+            try:
+                mapped = module(torch.stack([vector.to(x.dtype), torch.zeros_like(vector, dtype=x.dtype)]))
+            finally:
+                self.mapping = False
             return mapped[0] - mapped[1]
-        for each in shifts:
-            out = each(call, x, out, image_of)
-        return out
-    shifted.forward, shifted.semantic_directions_shifts = shifted_forward, shifts
-    patcher.add_object_patch(name, shifted)
-    if not patcher.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY):
-        patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, CallRecorder())
+        return self.shift(self.call, x, out, image_of)
+
+
+def add_shifts(patcher, shifts: list) -> None:
+    """Put ``shifts`` [(DitSite, shift)] on ``patcher`` (a clone): see :class:`ShiftsDuringCalls`."""
+    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
+                                 ShiftsDuringCalls(shifts))
 
 
 def image_token_range(site: DitSite, call: ModelCall) -> slice:
     """The latent's image tokens in the site's linear input (reference-image tokens that follow stay out)."""
     start = call.text_tokens if site.joint else 0
     return slice(start, start + call.grid[0] * call.grid[1])
-
