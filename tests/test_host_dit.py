@@ -193,14 +193,20 @@ def test_discover_reads_every_flux_attention_site(host, flux):
 
 
 class FluxKit:
-    """A tiny Flux, directions discovered on it, and sampling through the host's KSampler path."""
+    """A tiny model of one Flux-like family, directions discovered on it, and sampling through the host's KSampler
+    path; its latent is GRID tokens (times the patch size) of the family's channels."""
 
-    def __init__(self, host, build_flux):
+    def __init__(self, host, family):
         import comfy.samplers
-        self.host, self.samplers = host, comfy.samplers
+        from harness.test_nodes.dits import build_dit
+        self.host, self.samplers, self.family = host, comfy.samplers, family
+        self.build = lambda **options: build_dit(family, **options)  # noqa: E731
         registry = host.nodes.NODE_CLASS_MAPPINGS
         self.apply_node = registry["ApplyDirection"]()
-        self.model = build_flux(seed=5)
+        self.model = self.build(seed=5)
+        patch = self.model.model.diffusion_model.patch_size
+        self.latent_shape = (self.model.get_model_object("latent_format").latent_channels, patch * GRID[0],
+                             patch * GRID[1])
         self.directions = registry["DiscoverAttentionEigendirections"]().discover(self.model, "all", 2, "whitened", 1.0)[0]
 
     def apply(self, model=None, layer="all", alpha=0.5, start=0.0, end=1.0, mask=None, alpha_list="", apply_to="both"):
@@ -208,7 +214,7 @@ class FluxKit:
                                      mask=mask, alpha_list=alpha_list)[0]
 
     def sample(self, model, steps=4, batch=1, cfg=1.0):
-        latent = {"samples": torch.zeros(batch, 16, 2 * GRID[0], 2 * GRID[1])}
+        latent = {"samples": torch.zeros(batch, *self.latent_shape)}
         return self.host.nodes.common_ksampler(model, 0, steps, cfg, "euler", "simple", text(1), text(2),
                                                latent)[0]["samples"]
 
@@ -222,9 +228,15 @@ def text(seed):
     return [[torch.randn(1, TEXT, 32, generator=generator), {"pooled_output": torch.randn(1, 16, generator=generator)}]]
 
 
-@pytest.fixture(scope="module")
-def flux_kit(host, flux):
-    return FluxKit(host, flux)
+@pytest.fixture(scope="module", params=["flux", "flux2", "chroma"])
+def flux_kit(host, request):
+    return FluxKit(host, request.param)
+
+
+def linear_of(module, x):
+    """The host's linear on ``x`` in float64, from its weight and bias (if it has one)."""
+    out = x.double() @ module.weight.detach().double().T
+    return out if module.bias is None else out + module.bias.detach().double()
 
 
 class Recording:
@@ -257,9 +269,15 @@ def recorded(patcher, path):
     return clone, recording.calls, patcher.model.diffusion_model.get_submodule(path)
 
 
-@pytest.mark.parametrize("site, linear, text_tokens", [("double_blocks.1.img_attn", "double_blocks.1.img_attn.qkv", 0),
-                                                       ("single_blocks.0.attn", "single_blocks.0.linear1", TEXT)])
-def test_apply_moves_the_attention_input_on_edited_steps_only(flux_kit, site, linear, text_tokens):
+def image_tokens(x, joint):
+    """The latent's image tokens in a linear's input: all of them, or after the text tokens in a joint sequence
+    (whose length the family sets: Flux.2 pads its text to 512 tokens)."""
+    return slice(x.shape[1] - GRID[0] * GRID[1], None) if joint else slice(0, GRID[0] * GRID[1])
+
+
+@pytest.mark.parametrize("site, linear, joint", [("double_blocks.1.img_attn", "double_blocks.1.img_attn.qkv", False),
+                                                 ("single_blocks.0.attn", "single_blocks.0.linear1", True)])
+def test_apply_moves_the_attention_input_on_edited_steps_only(flux_kit, site, linear, joint):
     """At a Flux site the q, k and v rows of the linear's output move by exactly the linear image of alpha x rms x n
     (rms over the image's tokens) on steps inside the range, on image tokens only; the MLP rows and text tokens
     never move."""
@@ -270,12 +288,11 @@ def test_apply_moves_the_attention_input_on_edited_steps_only(flux_kit, site, li
     sampling = flux_kit.model.get_model_object("model_sampling")
     low, high = sampling.percent_to_sigma(0.7), sampling.percent_to_sigma(0.3)
     direction = flux_kit.directions.sites[site].vectors[0].double()
-    weight, bias = module.weight.detach().double(), module.bias.detach().double()
-    qkv_rows = 3 * 32
+    weight, qkv_rows = module.weight.detach().double(), 3 * 32
     edited = 0
     for (x, out), sigma in zip(calls, flux_kit.sigmas(steps)[:-1]):
-        x, change = x.double(), out.double() - (x.double() @ weight.T + bias)
-        image = slice(text_tokens, text_tokens + GRID[0] * GRID[1])
+        x, change = x.double(), out.double() - linear_of(module, x)
+        image = image_tokens(x, joint)
         expected = torch.zeros_like(change)
         if low <= sigma <= high:
             edited += 1
@@ -305,12 +322,12 @@ def test_mask_and_alpha_list_on_the_patch_grid(flux_kit):
     """A mask restricts the shift to the image tokens it covers (resized to the patch grid); alpha_list gives each
     image of the batch its own strength."""
     site, linear = "double_blocks.0.img_attn", "double_blocks.0.img_attn.qkv"
-    mask = torch.zeros(2 * GRID[0] * 8, 2 * GRID[1] * 8)
+    mask = torch.zeros(flux_kit.latent_shape[1] * 8, flux_kit.latent_shape[2] * 8)
     mask[:, : mask.shape[1] // 2] = 1  # the left half of the image: the left two of four token columns
     patched, calls, module = recorded(flux_kit.apply(layer=site, alpha=0.0, alpha_list="0.5, -1", mask=mask), linear)
     flux_kit.sample(patched, steps=2, batch=2)
     x, out = calls[0]
-    change = (out.double() - (x.double() @ module.weight.detach().double().T + module.bias.detach().double()))
+    change = out.double() - linear_of(module, x)
     change = change.reshape(2, GRID[0], GRID[1], -1)
     assert change[:, :, 2:].abs().max() <= 1e-5 * out.abs().max()  # outside the mask: unchanged
     left = change[:, :, :2].flatten(1, 2)
@@ -319,7 +336,7 @@ def test_mask_and_alpha_list_on_the_patch_grid(flux_kit):
     assert torch.allclose(ratio, 2 * rms[1] / rms[0] * torch.ones_like(ratio), rtol=1e-4)
 
 
-def test_lora_and_half_precision_flux(flux_kit, flux):
+def test_lora_and_half_precision_flux(flux_kit):
     """A LoRA on the site's linear: Discover reads the patched weights, and the edit's shift is the image under the
     patched weights (the object patch shares the host's parameters, so the host still patches them by name).
     A float16 Flux samples an edit to finite values."""
@@ -336,12 +353,12 @@ def test_lora_and_half_precision_flux(flux_kit, flux):
     flux_kit.sample(patched, steps=2)
     direction = flux_kit.directions.sites[site].vectors[0].double()
     x, out = (t.double() for t in calls[0])
-    image = slice(TEXT, None)
+    image = image_tokens(x, joint=True)
     rms = x[:, image].pow(2).sum(-1).mean(-1).sqrt()
-    expected = x @ weight.T + module.bias.detach().double()
+    expected = x @ weight.T + (0 if module.bias is None else module.bias.detach().double())
     expected[:, image, :96] += rms[:, None, None] * (weight[:96] @ direction)
     assert (out - expected).abs().max() <= 1e-5 * out.abs().max()
-    half = flux(seed=5, dtype=torch.float16)
+    half = flux_kit.build(seed=5, dtype=torch.float16)
     edited = flux_kit.sample(flux_kit.apply(half, alpha=0.5), steps=2)
     assert torch.isfinite(edited).all() and not torch.equal(edited, flux_kit.sample(half, steps=2))
 
@@ -357,5 +374,32 @@ def test_bad_weights_and_foreign_sets_are_refused_by_name(flux_kit, host):
         discover.discover(broken, "all", 2, "value", 1.0)
     from harness.test_nodes.unets import build_unet
     unet_set = discover.discover(build_unet("sd15"), "middle", 2, "value", 1.0)[0]
-    with pytest.raises(ValueError, match="^directions: made for SD15 but this model is Flux"):
+    with pytest.raises(ValueError, match=f"^directions: made for SD15 but this model is {type(flux_kit.model.model).__name__}"):
         flux_kit.apply_node.apply(flux_kit.model, unet_set, 0, "all", 0.5, 0.0, 1.0, "both")
+
+
+def test_ddim_invert_round_trip_on_flux(flux_kit, host):
+    """DDIM Invert on a tiny Flux made a denoiser of Gaussian data (its flow schedule starts at sigma 1), with
+    guidance-distilled conditioning as FluxGuidance sets it: its NOISE output sampled back with the host's euler
+    (SamplerCustom's path) reconstructs the latent; an edit applied while sampling back changes it."""
+    import comfy.sample
+    import comfy.samplers
+    from harness.test_nodes.unets import with_gaussian_prior
+    model = with_gaussian_prior(flux_kit.build(seed=6))
+    positive = [[text(1)[0][0], {**text(1)[0][1], "guidance": 4.0}]]
+    samples = torch.randn(1, *flux_kit.latent_shape, generator=torch.Generator().manual_seed(8))
+    invert = host.nodes.NODE_CLASS_MAPPINGS["DDIMInvert"]()
+    _, noise = invert.invert(model, {"samples": samples}, 25, "simple", 1.0, 3, positive)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 25)
+    zeros = torch.zeros_like(samples)
+
+    def sample_back(patcher):
+        return comfy.sample.sample_custom(patcher, noise.generate_noise({"samples": zeros}), 1.0,
+                                          comfy.samplers.sampler_object("euler"), sigmas, positive, positive, zeros,
+                                          seed=0)
+    back = sample_back(model)
+    error = float((back - samples).norm() / samples.norm())
+    assert error < 1e-3  # measured 1.8e-5 at refine 3
+    directions = flux_kit.directions
+    edited = sample_back(flux_kit.apply_node.apply(model, directions, 0, "all", 1.0, 0.0, 1.0, "both")[0])
+    assert float((edited - back).norm() / back.norm()) > 1e-3

@@ -6,7 +6,6 @@ heads are scaled down unless ``full_size``.
 """
 import torch
 
-import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
 import comfy.supported_models
@@ -18,17 +17,40 @@ FLUX_DIT = {  # Flux.1 dev as the host detects it (comfy/model_detection.py)
     "hidden_size": 3072, "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38,
     "axes_dim": [16, 56, 56], "theta": 10000, "patch_size": 2, "qkv_bias": True, "guidance_embed": True,
 }
-TINY_FLUX = {"hidden_size": 32, "num_heads": 2, "axes_dim": [4, 6, 6], "depth": 2, "depth_single_blocks": 2,
-             "context_in_dim": 32, "vec_in_dim": 16, "mlp_ratio": 2.0}
+FLUX2_DIT = {  # Flux.2: shared modulation, SwiGLU MLPs, no biases, 128 latent channels, patch 1
+    "image_model": "flux2", "in_channels": 128, "out_channels": 128, "vec_in_dim": None, "context_in_dim": 15360,
+    "hidden_size": 6144, "mlp_ratio": 3.0, "num_heads": 48, "depth": 8, "depth_single_blocks": 48,
+    "axes_dim": [32, 32, 32, 32], "theta": 2000, "patch_size": 1, "qkv_bias": False, "guidance_embed": True,
+    "global_modulation": True, "mlp_silu_act": True, "ops_bias": False, "default_ref_method": "index",
+    "ref_index_scale": 10.0,
+}
+CHROMA_DIT = {  # Chroma: Flux's blocks without per-block modulation, which a distilled approximator gives
+    "image_model": "chroma", "in_channels": 64, "out_channels": 64, "context_in_dim": 4096, "hidden_size": 3072,
+    "mlp_ratio": 4.0, "num_heads": 24, "depth": 19, "depth_single_blocks": 38, "axes_dim": [16, 56, 56],
+    "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 3072, "hidden_dim": 5120,
+    "n_layers": 5,
+}
+TINY = {"hidden_size": 32, "num_heads": 2, "axes_dim": [4, 6, 6], "depth": 2, "depth_single_blocks": 2,
+        "context_in_dim": 32, "mlp_ratio": 2.0}
+FAMILIES = {
+    "flux": (comfy.supported_models.Flux, FLUX_DIT, {**TINY, "vec_in_dim": 16}),
+    "flux2": (comfy.supported_models.Flux2, FLUX2_DIT, {**TINY, "axes_dim": [4, 4, 4, 4]}),
+    "chroma": (comfy.supported_models.Chroma, CHROMA_DIT, {**TINY, "out_dim": 32, "hidden_dim": 32, "n_layers": 2}),
+}
 
 
-def build_flux(seed=0, dtype=torch.float32, full_size=False, **overrides) -> comfy.model_patcher.ModelPatcher:
-    """A ModelPatcher around the host's Flux model, weights drawn from ``seed``; ``overrides`` change the config."""
-    config = dict(FLUX_DIT, **({} if full_size else TINY_FLUX), **overrides)
-    model_config = comfy.supported_models.Flux(config)
+def build_dit(family="flux", seed=0, dtype=torch.float32, full_size=False, **overrides):
+    """A ModelPatcher around the host's model of ``family`` (flux, flux2, chroma), weights drawn from ``seed``;
+    ``overrides`` change the config. Tiny models keep the family's latent channels and patch size."""
+    config_class, full, tiny = FAMILIES[family]
+    model_config = config_class(dict(full, **({} if full_size else tiny), **overrides))
     model_config.set_inference_dtype(dtype, None if dtype == torch.float32 else torch.float32)
-    model = comfy.model_base.Flux(model_config, device=torch.device("cpu"))
+    model = model_config.get_model({})
     model.diffusion_model.load_state_dict(seeded_weights(model.diffusion_model, seed, dtype))
     return comfy.model_patcher.ModelPatcher(
         model, load_device=comfy.model_management.get_torch_device(),
         offload_device=comfy.model_management.unet_offload_device())
+
+
+def build_flux(seed=0, dtype=torch.float32, full_size=False, **overrides):
+    return build_dit("flux", seed, dtype, full_size, **overrides)
