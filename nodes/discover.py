@@ -74,29 +74,37 @@ class DiscoverAttentionEigendirections:
     @staticmethod
     def _compute(model, sites, chosen, device, params) -> DirectionSet:
         key_patches = model.get_key_patches("diffusion_model.")
-        progress = comfy.utils.ProgressBar(len(chosen))
-
-        @torch.no_grad()
-        def layer_directions(path):
-            weights = sites[path].read(key_patches, device)
-            if not all(torch.isfinite(w).all() for w in (weights.q, weights.k, weights.v, weights.out)):
-                raise ValueError(f"model: the attention weights of {path} hold NaN or infinite values; load a "
-                                 f"working checkpoint (or check the LoRA's strength)")
-            vectors, gains = attention_directions(weights, params["count"], params["method"], params["token_variance"])
-            return SiteDirections(vectors.float().cpu(), gains.float().cpu())
-        found = {}
-        with layer_pool(device) as pool:
-            futures = [pool.submit(layer_directions, path) for path in chosen]
-            try:
-                for path, future in zip(chosen, futures):
-                    found[path] = future.result()
-                    progress.update(1)
-                    comfy.model_management.throw_exception_if_processing_interrupted()
-            finally:
-                for future in futures:
-                    future.cancel()
+        found = discover_sites({path: sites[path] for path in chosen}, key_patches, device, params,
+                               comfy.utils.ProgressBar(len(chosen)))
         return DirectionSet(sites=found, method=f"attention-{params['method']}", params=params,
                             model=host.made_for(model))
+
+
+def discover_sites(sites: dict, key_patches: dict, device, params: dict, progress=None) -> dict:
+    """{path: SiteDirections} for ``sites`` ({path: host.AttentionSite}), their weights read from ``key_patches``,
+    a pool of layers at a time (see :func:`layer_pool`); the progress bar advances a layer at a time and
+    cancelling stops it."""
+    @torch.no_grad()
+    def layer_directions(path):
+        weights = sites[path].read(key_patches, device)
+        if not all(torch.isfinite(w).all() for w in (weights.q, weights.k, weights.v, weights.out)):
+            raise ValueError(f"model: the attention weights of {path} hold NaN or infinite values; load a "
+                             f"working checkpoint (or check the LoRA's strength)")
+        vectors, gains = attention_directions(weights, params["count"], params["method"], params["token_variance"])
+        return SiteDirections(vectors.float().cpu(), gains.float().cpu())
+    found = {}
+    with layer_pool(device) as pool:
+        futures = {path: pool.submit(layer_directions, path) for path in sites}
+        try:
+            for path, future in futures.items():
+                found[path] = future.result()
+                if progress is not None:
+                    progress.update(1)
+                comfy.model_management.throw_exception_if_processing_interrupted()
+        finally:
+            for future in futures.values():
+                future.cancel()
+    return found
 
 
 @contextlib.contextmanager

@@ -16,6 +16,8 @@ REPO = Path(__file__).resolve().parent.parent
 WORKFLOWS = REPO / "workflows"
 SD15_CHECKPOINT = "v1-5-pruned-emaonly-fp16.safetensors"
 SDXL_CHECKPOINT = "sd_xl_base_1.0.safetensors"
+FLUX_MODEL, FLUX_VAE = "flux1-dev.safetensors", "ae.safetensors"
+FLUX_TEXT_ENCODERS = ("clip_l.safetensors", "t5xxl_fp16.safetensors")
 COLUMN = 380
 NOTE_COLOUR = {"color": "#432", "bgcolor": "#653"}
 
@@ -455,6 +457,94 @@ def directions_from_examples(registry) -> Graph:
     return g
 
 
+def flux_loaders(g):
+    """Flux as its users load it: the diffusion model, the two text encoders, the VAE."""
+    unet = g.add("UNETLoader", (0, 0), unet_name=FLUX_MODEL, weight_dtype="default")
+    clip = g.add("DualCLIPLoader", (0, 180), clip_name1=FLUX_TEXT_ENCODERS[0], clip_name2=FLUX_TEXT_ENCODERS[1],
+                 type="flux")
+    vae = g.add("VAELoader", (0, 400), vae_name=FLUX_VAE)
+    return unet, clip, vae
+
+
+def flux_prompt(g, clip, column, text, title="Prompt"):
+    """A prompt with Flux's distilled guidance, and the empty one KSampler's negative input needs at cfg 1."""
+    encoded = g.add("CLIPTextEncode", (column, 0), title, clip=clip["CLIP"], text=text)
+    guided = g.add("FluxGuidance", (column, 260), conditioning=encoded["CONDITIONING"], guidance=3.5)
+    empty = g.add("CLIPTextEncode", (column, 400), "Empty negative (unused at cfg 1)", clip=clip["CLIP"], text="")
+    return encoded, guided, empty
+
+
+def flux_discover_and_sweep(registry) -> Graph:
+    """Workflow 9: Discover on Flux's image attention, a strength sweep in one batch, labelled."""
+    g = Graph(registry)
+    unet, clip, vae = flux_loaders(g)
+    encoded, guided, empty = flux_prompt(g, clip, 1, PORTRAIT)
+    discover = g.add("DiscoverAttentionEigendirections", (2, 0), model=unet["MODEL"], layers="double", count=10,
+                     method="whitened", token_variance=1.0)
+    spectrum = g.add("PreviewImage", (2, 240), images=discover["spectrum"])
+    edit = g.add("ApplyDirection", (3, 0), model=unet["MODEL"], directions=discover["directions"], index=0,
+                 layer="double", alpha=0.5, start_percent=0.0, end_percent=0.6, apply_to="both", alpha_list=SWEEP)
+    latent = g.add("EmptySD3LatentImage", (3, 420), width=1024, height=1024, batch_size=5)
+    same_noise = g.add("LatentBatchSeedBehavior", (3, 600), samples=latent["LATENT"], seed_behavior="fixed")
+    sampler = g.add("KSampler", (4, 0), model=edit["MODEL"], seed=42, steps=20, cfg=1.0, sampler_name="euler",
+                    scheduler="simple", positive=guided["CONDITIONING"], negative=empty["CONDITIONING"],
+                    latent_image=same_noise["LATENT"], denoise=1.0)
+    decoded = g.add("VAEDecode", (5, 0), samples=sampler["LATENT"], vae=vae["VAE"])
+    grid = g.add("LabelledImageGrid", (5, 160), images=decoded["IMAGE"], labels=SWEEP, columns=0)
+    save = g.add("SaveImage", (6, 0), images=grid["IMAGE"], filename_prefix="semdir_flux_sweep")
+    notes = [
+        g.note("**1. Load Flux** as usual: the diffusion model (UNETLoader), CLIP-L and T5 (DualCLIPLoader, type "
+               "flux), the VAE. FluxGuidance sets the distilled guidance; KSampler runs at cfg 1.", (0, -220)),
+        g.note("**2. Discover** on the double blocks' image attention (`single` for the single blocks, `all` for "
+               "both): seconds on a GPU, from the weights alone.", (2, -220)),
+        g.note("**3. Sweep** index 0 over alpha_list, one image per value, the same noise for all. Only image tokens "
+               "move; the prompt's tokens are never touched.", (3, -220)),
+    ]
+    g.group("1. Load and prompt", unet, clip, vae, encoded, guided, empty, notes[0])
+    g.group("2. Discover", discover, spectrum, notes[1])
+    g.group("3. Sweep and grid", edit, latent, same_noise, sampler, decoded, grid, save, notes[2])
+    return g
+
+
+def flux_edit_real_image(registry) -> Graph:
+    """Workflow 10: invert a photo with Flux (its NOISE output), sample it back through SamplerCustomAdvanced with an
+    edit on the double blocks, beside the plain reconstruction."""
+    g = Graph(registry)
+    unet, clip, vae = flux_loaders(g)
+    image = g.add("LoadImage", (0, 580), image="example.png")
+    encoded, guided, _ = flux_prompt(g, clip, 1, "a photo of a woman with long hair, outdoors", "Describe the photo")
+    latent = g.add("VAEEncode", (1, 560), pixels=image["IMAGE"], vae=vae["VAE"])
+    invert = g.add("DDIMInvert", (2, 0), model=unet["MODEL"], latent=latent["LATENT"], steps=28, scheduler="simple",
+                   cfg=1.0, refine=2, positive=guided["CONDITIONING"])
+    discover = g.add("DiscoverAttentionEigendirections", (2, 420), model=unet["MODEL"], layers="double", count=10,
+                     method="whitened", token_variance=1.0)
+    edit = g.add("ApplyDirection", (3, 420), model=unet["MODEL"], directions=discover["directions"], index=0,
+                 layer="double", alpha=0.4, start_percent=0.0, end_percent=0.5, apply_to="both")
+    sampler = g.add("KSamplerSelect", (3, 0), sampler_name="euler")
+    schedule = g.add("BasicScheduler", (3, 140), model=unet["MODEL"], scheduler="simple", steps=28, denoise=1.0)
+    columns = []
+    for row, (name, model) in enumerate((("edited", edit["MODEL"]), ("reconstruction", unet["MODEL"]))):
+        guider = g.add("BasicGuider", (4, row * 420), f"Guider: {name}", model=model,
+                       conditioning=guided["CONDITIONING"])
+        sample = g.add("SamplerCustomAdvanced", (5, row * 420), f"Sample back: {name}", noise=invert["noise"],
+                       guider=guider["GUIDER"], sampler=sampler["SAMPLER"], sigmas=schedule["SIGMAS"],
+                       latent_image=latent["LATENT"])
+        decoded = g.add("VAEDecode", (6, row * 420), samples=sample["output"], vae=vae["VAE"])
+        columns += [guider, sample, decoded, g.add("SaveImage", (7, row * 420), images=decoded["IMAGE"],
+                                                   filename_prefix=f"semdir_flux_{name}")]
+    notes = [
+        g.note("**1. Invert** the photo with the unedited model at cfg 1, with the prompt that describes it "
+               "(through FluxGuidance, as you will sample back). Flux's flow schedule starts at pure noise: use "
+               "DDIM Invert's `noise` output.", (2, -220)),
+        g.note("**2. Sample back** with SamplerCustomAdvanced: the inversion's noise, the same scheduler and steps, "
+               "euler. The edited guider's model carries Apply Direction; the other reconstructs the photo.",
+               (4, -220)),
+    ]
+    g.group("1. Load, describe, invert", unet, clip, vae, image, encoded, guided, latent, invert, notes[0])
+    g.group("2. Edit and sample back", discover, edit, sampler, schedule, *columns, notes[1])
+    return g
+
+
 WORKFLOW_BUILDERS = {
     "discover_and_sweep": discover_and_sweep,
     "edit_real_image": edit_real_image,
@@ -464,6 +554,8 @@ WORKFLOW_BUILDERS = {
     "save_and_reuse": save_and_reuse,
     "named_direction": named_direction,
     "directions_from_examples": directions_from_examples,
+    "flux_discover_and_sweep": flux_discover_and_sweep,
+    "flux_edit_real_image": flux_edit_real_image,
 }
 
 

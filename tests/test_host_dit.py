@@ -403,3 +403,43 @@ def test_ddim_invert_round_trip_on_flux(flux_kit, host):
     directions = flux_kit.directions
     edited = sample_back(flux_kit.apply_node.apply(model, directions, 0, "all", 1.0, 0.0, 1.0, "both")[0])
     assert float((edited - back).norm() / back.norm()) > 1e-3
+
+
+def test_unet_only_nodes_refuse_flux_by_name(flux_kit, host):
+    """Directions from samples, pairs and images and h-space need a UNet: on Flux-like models each says so in a line."""
+    registry = host.nodes.NODE_CLASS_MAPPINGS
+    model, latent = flux_kit.model, {"samples": torch.zeros(2, *flux_kit.latent_shape)}
+    name = type(model.model).__name__
+    calls = {
+        "samples": lambda: registry["DirectionsFromSamples"]().directions(
+            model, text(1), text(2), latent, 0, "enable", 2, 1.0, "euler", "simple", "all", 0.0, 1.0, 2),
+        "image": lambda: registry["DirectionsFromImage"]().directions(
+            model, text(1), text(2), {"samples": latent["samples"][:1]}, 0, 0.3, 1.0, "all", 2),
+    }
+    for call in calls.values():
+        with pytest.raises(ValueError, match=f"^model: no UNet self-attention layers found in this {name} model; this "
+                                             f"node supports SD1.x, SD2.x, SDXL .* \\(not Flux, Flux.2 and Chroma yet\\)$"):
+            call()
+    hspace = flux_kit.directions.__class__(sites={"h_space": flux_kit.directions.sites["double_blocks.0.img_attn"]},
+                                           method="test", model=flux_kit.directions.model)
+    with pytest.raises(ValueError, match=f"^model: this {name} model has no UNet middle block, so no h-space"):
+        flux_kit.apply_node.apply(model, hspace, 0, "all", 0.5, 0.0, 1.0, "both")
+
+
+def test_asyrp_sampler_takes_flux_attention_edits(flux_kit, host):
+    """The Asyrp Sampler sees Apply Direction's edits at Flux sites: outside their range it samples as the host's
+    ddim; inside it, its asymmetric step differs from a plain step with the same edit."""
+    import comfy.sample
+    import comfy.samplers
+    asyrp = host.nodes.NODE_CLASS_MAPPINGS["AsyrpSampler"]().get_sampler(0.0, 1.0)[0]
+    sigmas = comfy.samplers.calculate_sigmas(flux_kit.model.get_model_object("model_sampling"), "simple", 4)
+    noise = torch.randn(1, *flux_kit.latent_shape, generator=torch.Generator().manual_seed(3))
+    zeros = torch.zeros_like(noise)
+
+    def run(model, sampler):
+        return comfy.sample.sample_custom(model, noise, 1.0, sampler, sigmas, text(1), text(2), zeros, seed=0)
+    ddim = comfy.samplers.sampler_object("ddim")
+    outside = flux_kit.apply(alpha=1.0, start=1.0, end=1.0)
+    assert torch.allclose(run(outside, asyrp), run(flux_kit.model, ddim), atol=1e-5)
+    edited = flux_kit.apply(alpha=1.0)
+    assert not torch.allclose(run(edited, asyrp), run(edited, ddim), atol=1e-3)

@@ -10,6 +10,9 @@ from scripts.build_workflows import SDXL_CHECKPOINT, WORKFLOWS, build_all
 from scripts.workflow_format import to_api
 
 TINY_CHECKPOINT = ("TinyCheckpointLoader", {"seed": 0})
+FLUX_SUBSTITUTES = {"UNETLoader": ("TinyDiTLoader", {"family": "flux", "seed": 0}),
+                    "DualCLIPLoader": ("TinyFluxCLIPLoader", {"seed": 0}),
+                    "VAELoader": ("TinyVAELoader", {"seed": 0, "latent_channels": 16})}
 TINY_SIZE = 128  # pixels: a 16 x 16 latent, as many singular vectors as the SVD workflow takes
 # Every step count a third of the workflow's, start and end steps alike (the SVD workflow's 12, 6 and 18 of 30
 # become 4, 2 and 6 of 10; DDIM Invert and its sampling back keep equal counts): the graphs are under test here.
@@ -20,7 +23,8 @@ TO_THE_END = 10000  # end_at_step's "to the last step"
 
 
 def tiny_prompt(workflow: dict, registry) -> dict:
-    """The workflow in API format with the tiny checkpoint of the same family substituted for checkpoint loading,
+    """The workflow in API format with the tiny checkpoint of the same family substituted for checkpoint loading
+    (and the tiny Flux, its text encoders and a 16-channel VAE for Flux's three loaders),
     empty latents shrunk to TINY_SIZE and steps divided by STEP_DIVISOR (image loading reads the tiny photo
     write_photo puts in input/)."""
     prompt = to_api(workflow, registry)
@@ -28,7 +32,10 @@ def tiny_prompt(workflow: dict, registry) -> dict:
         if node["class_type"] == "CheckpointLoaderSimple":
             family = "sdxl" if node["inputs"]["ckpt_name"] == SDXL_CHECKPOINT else "sd15"
             node["class_type"], node["inputs"] = TINY_CHECKPOINT[0], dict(TINY_CHECKPOINT[1], family=family)
-        if node["class_type"] == "EmptyLatentImage":
+        substitute = FLUX_SUBSTITUTES.get(node["class_type"])
+        if substitute:
+            node["class_type"], node["inputs"] = substitute
+        if node["class_type"] in ("EmptyLatentImage", "EmptySD3LatentImage"):
             node["inputs"].update(width=TINY_SIZE, height=TINY_SIZE)
         if node["class_type"] in STEPPED:
             inputs = node["inputs"]
@@ -109,13 +116,14 @@ def saved(host, outputs, node_id):
     return np.asarray(Image.open(folder / entry["subfolder"] / entry["filename"]), dtype=np.float32)
 
 
-def vae_round_trip(host, image: str):
-    """The tiny checkpoint's VAE encoding and decoding of an input image: the best a reconstruction can be."""
+def vae_round_trip(host, image: str, loader=TINY_CHECKPOINT, vae_output=2):
+    """The tiny VAE's encoding and decoding of an input image (the tiny checkpoint's, or another loader's
+    output): the best a reconstruction can be."""
     outputs = host.run({
-        "c": {"class_type": TINY_CHECKPOINT[0], "inputs": dict(TINY_CHECKPOINT[1])},
+        "c": {"class_type": loader[0], "inputs": dict(loader[1])},
         "i": {"class_type": "LoadImage", "inputs": {"image": image}},
-        "e": {"class_type": "VAEEncode", "inputs": {"pixels": ["i", 0], "vae": ["c", 2]}},
-        "d": {"class_type": "VAEDecode", "inputs": {"samples": ["e", 0], "vae": ["c", 2]}},
+        "e": {"class_type": "VAEEncode", "inputs": {"pixels": ["i", 0], "vae": ["c", vae_output]}},
+        "d": {"class_type": "VAEDecode", "inputs": {"samples": ["e", 0], "vae": ["c", vae_output]}},
         "s": {"class_type": "SaveImage", "inputs": {"images": ["d", 0], "filename_prefix": "round_trip"}},
     }, cached=False)
     return saved(host, outputs, "s")
@@ -125,22 +133,23 @@ def psnr(a, b):
     return 10 * np.log10(255 ** 2 / np.mean((a - b) ** 2))
 
 
-def check_edit_real_image(host, workflow, outputs):
-    """Workflow 2 inverts with the unedited model, and its reconstruction matches the photo as well as
-    the VAE's own round trip allows; the edited image differs from it."""
+def check_edit_real_image(host, workflow, outputs, model_loader="CheckpointLoaderSimple", prefix="semdir_",
+                          vae=(TINY_CHECKPOINT, 2), min_change=10):
+    """Workflow 2 (and 10, on Flux) inverts with the unedited model, and its reconstruction matches the photo as
+    well as the VAE's own round trip allows; the edited image differs from it."""
     by_type = {}
     for node in workflow["nodes"]:
         by_type.setdefault(node["type"], []).append(node)
     model_link = next(slot["link"] for slot in by_type["DDIMInvert"][0]["inputs"] if slot["name"] == "model")
     origin = next(link[1] for link in workflow["links"] if link[0] == model_link)
-    assert origin == by_type["CheckpointLoaderSimple"][0]["id"], "DDIM Invert must take the unedited model"
+    assert origin == by_type[model_loader][0]["id"], "DDIM Invert must take the unedited model"
     images = {node["widgets_values"][0]: saved(host, outputs, str(node["id"])) for node in by_type["SaveImage"]}
-    reference = vae_round_trip(host, "example.png")
-    reconstruction, edited = images["semdir_reconstruction"], images["semdir_edited"]
+    reference = vae_round_trip(host, "example.png", *vae)
+    reconstruction, edited = images[f"{prefix}reconstruction"], images[f"{prefix}edited"]
     print("workflow reconstruction PSNR against the VAE round trip:", psnr(reconstruction, reference),
           "edited:", psnr(edited, reference))
     assert psnr(reconstruction, reference) > 35
-    assert np.abs(edited - reconstruction).max() > 10
+    assert np.abs(edited - reconstruction).max() > min_change
 
 
 def check_save_and_reuse(host, workflow, outputs):
@@ -190,7 +199,26 @@ def check_directions_from_examples(host, workflow, outputs):
     assert np.abs(tiles[0] - tiles[2]).max() > 5 and np.abs(tiles[4] - tiles[2]).max() > 5
 
 
-EXTRA_CHECKS = {"named_direction.json": check_named_direction,
+def check_flux_edit_real_image(host, workflow, outputs):
+    """As workflow 2's check, at alpha 4: the tiny Flux's own prediction enters the Gaussian-prior denoiser at a
+    twentieth of its size (GaussianPriorDenoiser), so the workflow's alpha 0.4 moves the image by two levels."""
+    for node in workflow["nodes"]:
+        if node["type"] == "ApplyDirection":
+            node["widgets_values"][2] = 4.0  # index, layer, alpha, ...
+    outputs = run_everything(host, workflow)
+    check_edit_real_image(host, workflow, outputs, "UNETLoader", "semdir_flux_", (FLUX_SUBSTITUTES["VAELoader"], 0),
+                          min_change=3)  # measured 7 levels
+
+
+def check_flux_discover_and_sweep(host, workflow, outputs):
+    """The Flux sweep changes the image away from alpha 0, and more at the ends than halfway."""
+    tiles = grid_tiles(host, workflow, outputs)
+    change = [float(np.abs(tile - tiles[2]).mean()) for tile in tiles]
+    assert change[0] > change[1] > 0 and change[4] > change[3] > 0, change
+
+
+EXTRA_CHECKS = {"named_direction.json": check_named_direction, "flux_edit_real_image.json": check_flux_edit_real_image,
+                "flux_discover_and_sweep.json": check_flux_discover_and_sweep,
                 "directions_from_examples.json": check_directions_from_examples, "discover_and_sweep.json": check_discover_and_sweep, "edit_real_image.json": check_edit_real_image, "save_and_reuse.json": check_save_and_reuse}
 
 

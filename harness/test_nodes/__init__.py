@@ -8,6 +8,8 @@ import torch
 
 from world.model import empty_context, load_patcher, pixel_vae
 
+from .dits import FAMILIES as DIT_FAMILIES
+from .dits import build_dit, build_flux_clip, build_flux_vae
 from .unets import FAMILIES, build_clip, build_unet, build_vae, with_gaussian_prior
 
 
@@ -36,14 +38,47 @@ class TinyVAELoader:
     CATEGORY = "testing"
     FUNCTION = "load"
     RETURN_TYPES = ("VAE",)
-    DESCRIPTION = "A TAESD-shaped VAE (4 latent channels) with seeded weights."
+    DESCRIPTION = "A TAESD-shaped VAE (4 latent channels, or Flux's 16) with seeded weights."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1})},
+                "optional": {"latent_channels": ([4, 16], {"default": 4})}}
+
+    def load(self, seed, latent_channels=4):
+        return (build_vae(seed) if latent_channels == 4 else build_flux_vae(seed),)
+
+
+class TinyDiTLoader:
+    """What Flux workflows load instead of UNETLoader in tests: a tiny model of a Flux-like family, as a
+    Gaussian-prior denoiser (so that inversion round trips)."""
+    CATEGORY = "testing"
+    FUNCTION = "load"
+    RETURN_TYPES = ("MODEL",)
+    DESCRIPTION = "A tiny Flux, Flux.2 or Chroma with seeded weights."
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"family": (sorted(DIT_FAMILIES),), "seed": ("INT", {"default": 0, "min": 0,
+                                                                                  "max": 2 ** 31 - 1})}}
+
+    def load(self, family, seed):
+        return (with_gaussian_prior(build_dit(family, seed=seed)),)
+
+
+class TinyFluxCLIPLoader:
+    """What Flux workflows load instead of DualCLIPLoader in tests: CLIP-L and T5 at the tiny Flux's widths."""
+    CATEGORY = "testing"
+    FUNCTION = "load"
+    RETURN_TYPES = ("CLIP",)
+    DESCRIPTION = "Flux's text encoders (real tokenizers) at the tiny Flux's widths, seeded weights."
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"seed": ("INT", {"default": 0, "min": 0, "max": 2 ** 31 - 1})}}
 
     def load(self, seed):
-        return (build_vae(seed),)
+        return (build_flux_clip(seed),)
 
 
 class TinyConditioning:
@@ -101,4 +136,5 @@ class FacesWorldLoader:
 
 NODE_CLASS_MAPPINGS = {"TinyUNetLoader": TinyUNetLoader, "TinyVAELoader": TinyVAELoader,
                        "TinyConditioning": TinyConditioning, "TinyCheckpointLoader": TinyCheckpointLoader,
-                       "FacesWorldLoader": FacesWorldLoader}
+                       "FacesWorldLoader": FacesWorldLoader, "TinyDiTLoader": TinyDiTLoader,
+                       "TinyFluxCLIPLoader": TinyFluxCLIPLoader}

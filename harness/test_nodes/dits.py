@@ -8,6 +8,7 @@ import torch
 
 import comfy.model_management
 import comfy.model_patcher
+import comfy.sd
 import comfy.supported_models
 
 from .unets import seeded_weights
@@ -43,7 +44,7 @@ def build_dit(family="flux", seed=0, dtype=torch.float32, full_size=False, **ove
     """A ModelPatcher around the host's model of ``family`` (flux, flux2, chroma), weights drawn from ``seed``;
     ``overrides`` change the config. Tiny models keep the family's latent channels and patch size."""
     config_class, full, tiny = FAMILIES[family]
-    model_config = config_class(dict(full, **({} if full_size else tiny), **overrides))
+    model_config = config_class({**full, **({} if full_size else tiny), **overrides})
     model_config.set_inference_dtype(dtype, None if dtype == torch.float32 else torch.float32)
     model = model_config.get_model({})
     model.diffusion_model.load_state_dict(seeded_weights(model.diffusion_model, seed, dtype))
@@ -54,3 +55,36 @@ def build_dit(family="flux", seed=0, dtype=torch.float32, full_size=False, **ove
 
 def build_flux(seed=0, dtype=torch.float32, full_size=False, **overrides):
     return build_dit("flux", seed, dtype, full_size, **overrides)
+
+
+TINY_FLUX_TEXT = {  # CLIP-L's pooled vector feeds vec_in (16 wide), T5's tokens feed txt_in (32 wide)
+    "clip_l_model_config": {"intermediate_size": 64, "num_attention_heads": 2, "num_hidden_layers": 3,
+                            "hidden_size": 16},
+    "t5xxl_model_config": {"d_model": 32, "d_ff": 64, "d_kv": 16, "num_heads": 2, "num_layers": 2},
+}
+
+
+class _TextEncoder:
+    """What comfy.sd.CLIP builds from: a text encoder class and its tokenizer."""
+
+    def __init__(self, clip, tokenizer):
+        self.params, self.clip, self.tokenizer = {}, clip, tokenizer
+
+
+def build_flux_clip(seed=0) -> comfy.sd.CLIP:
+    """Flux's text encoders (CLIP-L and T5-XXL, the real tokenizers) at the tiny Flux's widths, seeded weights, as
+    DualCLIPLoader's type 'flux' builds them."""
+    import comfy.text_encoders.flux
+    clip = comfy.sd.CLIP(_TextEncoder(comfy.text_encoders.flux.flux_clip(), comfy.text_encoders.flux.FluxTokenizer),
+                         model_options=TINY_FLUX_TEXT)
+    clip.cond_stage_model.load_state_dict(seeded_weights(clip.cond_stage_model, seed, torch.float32), strict=False)
+    return clip
+
+
+def build_flux_vae(seed=0) -> comfy.sd.VAE:
+    """A TAESD-architecture VAE with Flux's 16 latent channels (taef1's shape), seeded weights, loaded by the host."""
+    import comfy.taesd.taesd
+    template = comfy.taesd.taesd.TAESD(latent_channels=16)
+    weights = seeded_weights(template, seed, torch.float32)
+    weights.update(vae_scale=torch.tensor(1.0), vae_shift=torch.tensor(0.0))
+    return comfy.sd.VAE(sd=weights)

@@ -104,16 +104,22 @@ def select_layers(paths: list, spec: str, input_name: str = "layers") -> list:
     return [p for p in paths if p in chosen]
 
 
-def read_weight(key_patches: dict, key: str, device) -> torch.Tensor:
-    """One weight in float32 on ``device``, this patcher's patches merged.
+def read_weight(key_patches: dict, key: str, device, rows: int | None = None, columns: int | None = None) -> torch.Tensor:
+    """One weight in float32 on ``device``, this patcher's patches merged; only its first ``rows`` and ``columns``
+    if given.
 
     ``key_patches`` is ``patcher.get_key_patches("diffusion_model.")``: the stored weight (the
     original, even when another clone's LoRA is currently merged into the live module), its
-    dequantizing convert function, and this patcher's own patch list. Nothing is written back.
+    dequantizing convert function, and this patcher's own patch list. Nothing is written back. A
+    plain tensor without patches is cut before it is converted (Flux's single blocks keep their
+    attention in a third of linear1's rows); anything else is converted and patched whole.
     """
     (weight, convert), *patches = key_patches[key]
+    cut = (slice(rows), slice(columns)) if weight.ndim == 2 else (slice(rows),)
+    if not patches and type(weight) in (torch.Tensor, torch.nn.Parameter):
+        return convert(weight.detach()[cut], inplace=False).to(device=device, dtype=torch.float32)
     weight = convert(weight, inplace=False).detach().to(device=device, dtype=torch.float32)
-    return comfy.lora.calculate_weight(patches, weight.clone(), key) if patches else weight
+    return (comfy.lora.calculate_weight(patches, weight.clone(), key) if patches else weight)[cut]
 
 
 def read_attention_weights(key_patches: dict, path: str, heads: int, device) -> AttentionWeights:

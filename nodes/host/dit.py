@@ -60,14 +60,14 @@ def sites(patcher) -> dict:
 
 
 def read_weights(key_patches: dict, site: DitSite, device, read_weight) -> AttentionWeights:
-    """The site's q, k, v, out, QK-norm gains and q/k biases in float32, this patcher's patches merged."""
-    def weight(path, name):
+    """The site's q, k, v, out, QK-norm gains and biases in float32, this patcher's patches merged."""
+    def weight(path, name, rows=None, columns=None):
         key = f"diffusion_model.{path}.{name}"
-        return read_weight(key_patches, key, device) if key in key_patches else None
-    qkv, out = weight(site.linear, "weight")[:site.qkv_rows], weight(site.out, "weight")[:, :site.out_columns]
-    bias = weight(site.linear, "bias")
+        return read_weight(key_patches, key, device, rows, columns) if key in key_patches else None
+    qkv, out = weight(site.linear, "weight", rows=site.qkv_rows), weight(site.out, "weight", columns=site.out_columns)
+    bias = weight(site.linear, "bias", rows=site.qkv_rows)
     q, k, v = qkv.chunk(3)
-    biases = (None, None, None) if bias is None else bias[:site.qkv_rows].chunk(3)
+    biases = (None, None, None) if bias is None else bias.chunk(3)
     return AttentionWeights(q, k, v, out, heads=site.heads, q_norm=weight(site.norm, "query_norm.scale"),
                             k_norm=weight(site.norm, "key_norm.scale"), q_bias=biases[0], k_bias=biases[1],
                             v_bias=biases[2])

@@ -1,0 +1,147 @@
+"""Transformer (Flux-like) models: Discover on a full-size Flux.1's attention, Apply's overhead, the families covered.
+
+- flux_all_blocks_s: Discover's work on all 57 image-attention sites of a full-size Flux.1 (19 double blocks,
+  38 single blocks, width 3072, 24 heads; random fp16 weights of the real shapes, count 10, whitened): the
+  node's own loop (nodes/discover.py: discover_sites), weights read and converted as the node reads a
+  patcher's, best of three. The model itself is built on the meta device (12 B parameters do not fit
+  this machine), so only the sites' weights exist; flux_full_eigh_s: the baseline on the same weights, side
+  by side in the same run: J formed and a full eigendecomposition of J^T J per site (one run).
+- flux_apply_overhead_ratio: time per sampling step with a direction at all 57 sites over the unpatched model,
+  on a Flux-shaped model (the real block counts and head width, hidden 384) at a 32 x 32 latent (256 image
+  tokens, 64 text tokens), euler, cfg 1; variants alternated, best of three medians between step callbacks.
+- families: the model families on which Discover, Apply Direction and DDIM Invert each ran in this run
+  (tiny models built from the host's classes; tests/test_host_dit.py runs the same on each).
+"""
+import statistics
+import time
+
+import torch
+
+from benchmarks.common import PeakRss, arguments, report, start_host, timed
+
+COUNT, REPEATS, STEPS = 10, 3, 4
+APPLY_SHAPE = {"hidden_size": 384, "num_heads": 3, "context_in_dim": 64, "vec_in_dim": 64}
+
+
+def full_size_sites(host_layer, dits, device):
+    """(sites {path: AttentionSite}, key_patches) of a full-size Flux.1: the model on the meta device, random fp16
+    tensors for the weights the sites read (linear1 and linear2 whole, as a checkpoint stores them)."""
+    import comfy.model_patcher
+    config_class, full, _ = dits.FAMILIES["flux"]
+    model_config = config_class(dict(full))
+    model_config.set_inference_dtype(torch.float16, torch.float32)
+    model = model_config.get_model({}, device=torch.device("meta"))
+    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    sites, blocks = host_layer.attention_sites(patcher), host_layer.dit.sites(patcher)
+    generator, key_patches = torch.Generator().manual_seed(0), {}
+    for block in blocks.values():
+        for path in (block.linear, block.out):
+            module = model.diffusion_model.get_submodule(path)
+            shape = module.weight.shape
+            key_patches[f"diffusion_model.{path}.weight"] = [(
+                (torch.randn(shape, generator=generator) / shape[1] ** 0.5).half(), lambda w, inplace: w)]
+            if module.bias is not None:
+                key_patches[f"diffusion_model.{path}.bias"] = [(
+                    0.02 * torch.randn(shape[0], generator=generator).half(), lambda w, inplace: w)]
+        for name in ("query_norm.scale", "key_norm.scale"):
+            key_patches[f"diffusion_model.{block.norm}.{name}"] = [(
+                (1 + 0.1 * torch.randn(128, generator=generator)).half(), lambda w, inplace: w)]
+    return sites, key_patches
+
+
+def families_covered(host, dits) -> list:
+    """Each tiny family through Discover, Apply Direction (sampled) and DDIM Invert."""
+    import comfy.sample
+    import comfy.samplers
+    registry = host.nodes.NODE_CLASS_MAPPINGS
+    covered = []
+    for family in dits.FAMILIES:
+        model = dits.build_dit(family, seed=1)
+        channels = model.get_model_object("latent_format").latent_channels
+        patch = model.model.diffusion_model.patch_size
+        latent = torch.randn(1, channels, 4 * patch, 4 * patch, generator=torch.Generator().manual_seed(2))
+        conditioning = [[torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(3)),
+                         {"pooled_output": torch.zeros(1, 16)}]]
+        directions = registry["DiscoverAttentionEigendirections"]().discover(model, "all", 2, "whitened", 1.0)[0]
+        edited = registry["ApplyDirection"]().apply(model, directions, 0, "all", 0.5, 0.0, 1.0, "both")[0]
+        sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 3)
+        sample = comfy.sample.sample_custom(edited, latent, 1.0, comfy.samplers.sampler_object("euler"), sigmas,
+                                            conditioning, conditioning, torch.zeros_like(latent), seed=0)
+        inverted = registry["DDIMInvert"]().invert(model, {"samples": latent}, 3, "simple", 1.0, 1, conditioning)[0]
+        if torch.isfinite(sample).all() and torch.isfinite(inverted["samples"]).all():
+            covered.append(type(model.model).__name__)
+    return covered
+
+
+def main():
+    args = arguments(__doc__)
+    host = start_host(args.device)
+    from harness.test_nodes import dits
+    from semantic_directions.directions import attention
+    from semantic_directions.nodes import host as host_layer
+    from semantic_directions.nodes.discover import discover_sites
+    import comfy.model_management
+    import comfy.sample
+    import comfy.samplers
+    device = comfy.model_management.get_torch_device()
+    figures = {"device": str(device), "threads": torch.get_num_threads(), "count": COUNT, "weights_dtype": "float16"}
+
+    sites, key_patches = full_size_sites(host_layer, dits, device)
+    figures["flux_sites"] = len(sites)
+
+    def discover(i):
+        params = {"count": COUNT, "method": "whitened", "token_variance": 1.0}
+        return discover_sites(sites, key_patches, device, params)
+
+    def full_eigh():
+        gains = {}
+        for path, site in sites.items():
+            weights = site.read(key_patches, device)
+            with torch.no_grad():
+                apply, _ = attention.shift_operator(weights, "whitened")
+                jacobian = apply(torch.eye(weights.width, device=device))
+                eigenvalues = torch.linalg.eigh(jacobian.T @ jacobian).eigenvalues
+            gains[path] = eigenvalues.flip(0)[:COUNT].clamp(min=0).sqrt().cpu()
+        return gains
+    with PeakRss() as memory:
+        seconds, found = timed(discover, REPEATS)
+    figures["flux_all_blocks_s"] = round(seconds, 3)
+    figures["flux_discover_extra_peak_rss_mb"] = round(memory.extra_mb, 1)
+    start = time.perf_counter()
+    exact = full_eigh()
+    figures["flux_full_eigh_s"] = round(time.perf_counter() - start, 3)
+    figures["flux_speedup_vs_full_eigh"] = round(figures["flux_full_eigh_s"] / figures["flux_all_blocks_s"], 2)
+    figures["flux_max_relative_gain_error"] = round(max(
+        float(((found[p].gains - g).abs() / g).max()) for p, g in exact.items()), 5)
+    del key_patches, sites
+
+    model = dits.build_dit("flux", seed=0, full_size=True, **APPLY_SHAPE)
+    registry = host.nodes.NODE_CLASS_MAPPINGS
+    directions = registry["DiscoverAttentionEigendirections"]().discover(model, "all", 2, "whitened", 1.0)[0]
+    patched = registry["ApplyDirection"]().apply(model, directions, 0, "all", 0.5, 0.0, 1.0, "both")[0]
+    generator = torch.Generator().manual_seed(0)
+    conditioning = [[torch.randn(1, 64, 64, generator=generator), {"pooled_output": torch.randn(1, 64, generator=generator)}]]
+    noise = torch.randn(1, 16, 32, 32, generator=generator)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", STEPS)
+
+    def per_step(which):
+        stamps = []
+        comfy.sample.sample_custom(which, noise, 1.0, comfy.samplers.sampler_object("euler"), sigmas, conditioning,
+                                   conditioning, torch.zeros_like(noise), disable_pbar=True, seed=0,
+                                   callback=lambda *a: stamps.append(time.perf_counter()))
+        return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+    best = {}
+    variants = [("plain", model), ("patched", patched)]
+    for repeat in range(REPEATS):
+        for name, which in variants if repeat % 2 == 0 else variants[::-1]:
+            best[name] = min(best.get(name, float("inf")), per_step(which))
+    figures.update({"apply_model": "Flux-shaped: 19 double + 38 single blocks, hidden 384, 3 heads of 128",
+                    "apply_latent": [1, 16, 32, 32], "flux_plain_step_s": round(best["plain"], 4),
+                    "flux_patched_step_s": round(best["patched"], 4),
+                    "flux_apply_overhead_ratio": round(best["patched"] / best["plain"], 4)})
+    figures["families"] = families_covered(host, dits)
+    report(figures, args.json)
+
+
+if __name__ == "__main__":
+    main()
