@@ -76,7 +76,7 @@ def key_tilts(weights: AttentionWeights, token_variance: float = 1.0) -> torch.T
     heads, e = weights.heads, weights.head_width
     per_head = [rearrange(w, "(h e) d -> h e d", h=heads) for w in (weights.v, weights.k, weights.q)]
     value_key = torch.einsum("hed,hfd->hef", per_head[0], per_head[1])
-    if weights.q_norm is None:
+    if weights.q_norm is None or token_variance == 0:  # no spread among the tokens: no tilt
         return whitening_constant(e, token_variance) * value_key
 
     def expected_rms(weight, bias):

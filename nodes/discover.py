@@ -47,7 +47,9 @@ class DiscoverAttentionEigendirections:
                        "eigenvectors of Wq'Wq + Wk'Wk + Wv'Wv."}),
             "token_variance": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.05, "tooltip":
                                "whitened only: s^2 in c = s^2 / sqrt(head width), the assumed variance of "
-                               "the layer's input tokens. 1 is a LayerNorm output's; 0 equals 'value'."}),
+                               "the layer's input tokens. 1 is a LayerNorm output's; 0 equals 'value'. On Flux "
+                               "(QK-normed attention) the tokens' scale cancels: any value above 0 gives nearly "
+                               "the same directions (only the projections' biases weigh it)."}),
         }}
 
     def discover(self, model, layers, count, method, token_variance):

@@ -443,3 +443,17 @@ def test_asyrp_sampler_takes_flux_attention_edits(flux_kit, host):
     assert torch.allclose(run(outside, asyrp), run(flux_kit.model, ddim), atol=1e-5)
     edited = flux_kit.apply(alpha=1.0)
     assert not torch.allclose(run(edited, asyrp), run(edited, ddim), atol=1e-3)
+
+
+def test_token_variance_on_qk_normed_attention(flux_kit, host):
+    """With QK-norm the tokens' scale cancels from the tilt: without biases (Flux.2) any token_variance above 0 gives
+    the same directions; 0 is the value path, as on UNets."""
+    discover = host.nodes.NODE_CLASS_MAPPINGS["DiscoverAttentionEigendirections"]()
+    model = flux_kit.model
+    zero = discover.discover(model, "double_blocks.0", 3, "whitened", 0.0)[0]
+    value = discover.discover(model, "double_blocks.0", 3, "value", 1.0)[0]
+    site = "double_blocks.0.img_attn"
+    assert torch.allclose(zero.sites[site].vectors, value.sites[site].vectors, atol=1e-5)
+    if flux_kit.family == "flux2":
+        one, four = (discover.discover(model, "double_blocks.0", 3, "whitened", s)[0] for s in (1.0, 4.0))
+        assert torch.allclose(one.sites[site].vectors, four.sites[site].vectors, atol=1e-5)
