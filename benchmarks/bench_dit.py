@@ -12,6 +12,7 @@
 - families: the model families on which Discover, Apply Direction and DDIM Invert each ran in this run
   (tiny models built from the host's classes; tests/test_host_dit.py runs the same on each).
 """
+import itertools
 import statistics
 import time
 
@@ -73,23 +74,12 @@ def families_covered(host, dits) -> list:
     return covered
 
 
-def main():
-    args = arguments(__doc__)
-    host = start_host(args.device)
-    from harness.test_nodes import dits
-    from semantic_directions.directions import attention
-    from semantic_directions.nodes import host as host_layer
-    from semantic_directions.nodes.discover import discover_sites
-    import comfy.model_management
-    import comfy.sample
-    import comfy.samplers
-    device = comfy.model_management.get_torch_device()
-    figures = {"device": str(device), "threads": torch.get_num_threads(), "count": COUNT, "weights_dtype": "float16"}
-
+def discovery(host_layer, dits, attention, discover_sites, device) -> dict:
+    """Discover's loop on the full-size Flux.1 sites beside the full-eigh baseline (the weights freed on return)."""
     sites, key_patches = full_size_sites(host_layer, dits, device)
-    figures["flux_sites"] = len(sites)
+    figures = {"flux_sites": len(sites)}
 
-    def discover(i):
+    def discover(_):
         params = {"count": COUNT, "method": "whitened", "token_variance": 1.0}
         return discover_sites(sites, key_patches, device, params)
 
@@ -113,7 +103,24 @@ def main():
     figures["flux_speedup_vs_full_eigh"] = round(figures["flux_full_eigh_s"] / figures["flux_all_blocks_s"], 2)
     figures["flux_max_relative_gain_error"] = round(max(
         float(((found[p].gains - g).abs() / g).max()) for p, g in exact.items()), 5)
-    del key_patches, sites
+    return figures
+
+
+def main():
+    args = arguments(__doc__)
+    host = start_host(args.device)
+    import comfy.model_management
+    import comfy.sample
+    import comfy.samplers
+    from semantic_directions.directions import attention
+    from semantic_directions.nodes import host as host_layer
+    from semantic_directions.nodes.discover import discover_sites
+
+    from harness.test_nodes import dits
+    device = comfy.model_management.get_torch_device()
+    figures = {"device": str(device), "threads": torch.get_num_threads(), "count": COUNT, "weights_dtype": "float16"}
+
+    figures.update(discovery(host_layer, dits, attention, discover_sites, device))
 
     model = dits.build_dit("flux", seed=0, full_size=True, **APPLY_SHAPE)
     registry = host.nodes.NODE_CLASS_MAPPINGS
@@ -129,7 +136,7 @@ def main():
         comfy.sample.sample_custom(which, noise, 1.0, comfy.samplers.sampler_object("euler"), sigmas, conditioning,
                                    conditioning, torch.zeros_like(noise), disable_pbar=True, seed=0,
                                    callback=lambda *a: stamps.append(time.perf_counter()))
-        return statistics.median(b - a for a, b in zip(stamps, stamps[1:]))
+        return statistics.median(b - a for a, b in itertools.pairwise(stamps))
     best = {}
     variants = [("plain", model), ("patched", patched)]
     for repeat in range(REPEATS):

@@ -200,7 +200,7 @@ class FluxKit:
         import comfy.samplers
         from harness.test_nodes.dits import build_dit
         self.host, self.samplers, self.family = host, comfy.samplers, family
-        self.build = lambda **options: build_dit(family, **options)  # noqa: E731
+        self.build = lambda **options: build_dit(family, **options)
         registry = host.nodes.NODE_CLASS_MAPPINGS
         self.apply_node = registry["ApplyDirection"]()
         self.model = self.build(seed=5)

@@ -6,8 +6,8 @@ its model sampling (sigma schedule, flow or not, noise scaling) and latent forma
 """
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
