@@ -457,3 +457,21 @@ def test_token_variance_on_qk_normed_attention(flux_kit, host):
     if flux_kit.family == "flux2":
         one, four = (discover.discover(model, "double_blocks.0", 3, "whitened", s)[0] for s in (1.0, 4.0))
         assert torch.allclose(one.sites[site].vectors, four.sites[site].vectors, atol=1e-5)
+
+
+def test_reference_image_tokens_stay_untouched(host):
+    """With a reference latent in the conditioning (Flux Kontext's ReferenceLatent), the double block's image input
+    holds the latent's tokens and then the reference's: only the latent's move."""
+    kit = FluxKit(host, "flux")
+    site, linear = "double_blocks.0.img_attn", "double_blocks.0.img_attn.qkv"
+    reference = torch.randn(1, *kit.latent_shape, generator=torch.Generator().manual_seed(4))
+    conditioning = [[text(1)[0][0], {**text(1)[0][1], "reference_latents": [reference]}]]
+    patched, calls, module = recorded(kit.apply(layer=site, alpha=1.0), linear)
+    latent = {"samples": torch.zeros(1, *kit.latent_shape)}
+    host.nodes.common_ksampler(patched, 0, 2, 1.0, "euler", "simple", conditioning, conditioning, latent)
+    x, out = calls[0]
+    tokens = GRID[0] * GRID[1]
+    assert x.shape[1] == 2 * tokens  # the latent's tokens, then the reference's
+    change = out.double() - linear_of(module, x)
+    assert change[:, :tokens].abs().max() > 1e-2
+    assert change[:, tokens:].abs().max() <= 1e-5 * out.abs().max()
