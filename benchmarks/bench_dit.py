@@ -32,7 +32,7 @@ def full_size_sites(host_layer, dits, device):
     model_config = config_class(dict(full))
     model_config.set_inference_dtype(torch.float16, torch.float32)
     model = model_config.get_model({}, device=torch.device("meta"))
-    patcher = comfy.model_patcher.ModelPatcher(model, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    patcher = comfy.model_patcher.ModelPatcher(model, torch.device("cpu"), torch.device("cpu"))
     sites, blocks = host_layer.attention_sites(patcher), host_layer.dit.sites(patcher)
     generator, key_patches = torch.Generator().manual_seed(0), {}
     for block in blocks.values():
@@ -127,7 +127,8 @@ def main():
     directions = registry["DiscoverAttentionEigendirections"]().discover(model, "all", 2, "whitened", 1.0)[0]
     patched = registry["ApplyDirection"]().apply(model, directions, 0, "all", 0.5, 0.0, 1.0, "both")[0]
     generator = torch.Generator().manual_seed(0)
-    conditioning = [[torch.randn(1, 64, 64, generator=generator), {"pooled_output": torch.randn(1, 64, generator=generator)}]]
+    conditioning = [[torch.randn(1, 64, 64, generator=generator),
+                     {"pooled_output": torch.randn(1, 64, generator=generator)}]]
     noise = torch.randn(1, 16, 32, 32, generator=generator)
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", STEPS)
 

@@ -3,8 +3,8 @@
 A set holds, for one or more sites of one model, k orthonormal-or-at-least-unit vectors of the
 site's width with their gains where the method gives them. A site is named by where it lives:
 the input of a UNet self-attention layer (its module path under the UNet, ending in ``.attn1``),
-the image-token attention input of a transformer (DiT) block (a path ending in ``.img_attn`` or
-``.attn``), h-space (the middle block's output) or the latent itself.
+the image-token attention input of a transformer (DiT) block (a path ending in ``.img_attn``,
+``.attn`` or ``.x_block.attn2``), h-space (the middle block's output) or the latent itself.
 """
 import hashlib
 import json
@@ -20,7 +20,7 @@ LATENT = "latent"
 ATTN1 = "attn1"
 DIT = "dit_attention"
 _ATTN1_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*\.attn1$")
-_DIT_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*\.(img_attn|attn)$")
+_DIT_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*\.(img_attn|attn|x_block\.attn2)$")
 UNIT_NORM_TOLERANCE = 1e-3
 
 
@@ -39,7 +39,8 @@ def site_kind(name: str) -> str:
     raise DirectionError(
         f"site {name!r} is not a known site: expected a self-attention module path ending in "
         f"'.attn1' (e.g. 'input_blocks.7.1.transformer_blocks.0.attn1'), a transformer block's attention "
-        f"ending in '.img_attn' or '.attn' (e.g. 'double_blocks.3.img_attn'), '{HSPACE}' or '{LATENT}'")
+        f"ending in '.img_attn', '.attn' or '.x_block.attn2' (e.g. 'double_blocks.3.img_attn'), '{HSPACE}' or "
+        f"'{LATENT}'")
 
 
 def model_fingerprint(family: str, widths: dict) -> str:

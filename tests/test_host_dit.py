@@ -1,6 +1,7 @@
 """Transformer (DiT) families on the real host: Flux's attention math against the host's own blocks, Discover
 and Apply Direction on a tiny Flux built from the host's classes."""
 import copy
+import re
 
 import pytest
 import torch
@@ -30,7 +31,7 @@ def block_inputs(model, generator):
     return img, txt, vec, model.pe_embedder(ids).double()
 
 
-def joint_context(weights: AttentionWeights, tokens, rotations):
+def joint_context(weights: AttentionWeights, tokens, rotations=None):
     """(keys, values) [heads, M, e] of unshifted tokens as the scores see them: projected, normed, rotated."""
     heads = weights.heads
 
@@ -39,16 +40,22 @@ def joint_context(weights: AttentionWeights, tokens, rotations):
         return out.reshape(tokens.shape[0], heads, -1).transpose(0, 1)
     keys = per_head(weights.k, weights.k_bias)
     keys = weights.k_norm * keys * torch.rsqrt(keys.pow(2).mean(-1, keepdim=True) + weights.norm_eps)
-    paired = keys.reshape(*keys.shape[:-1], -1, 2)
-    keys = torch.einsum("nprc,hnpc->hnpr", rotations, paired).reshape(keys.shape)
+    if rotations is not None:
+        paired = keys.reshape(*keys.shape[:-1], -1, 2)
+        keys = torch.einsum("nprc,hnpc->hnpr", rotations, paired).reshape(keys.shape)
     return keys, per_head(weights.v, weights.v_bias)
 
 
-def module_weights(linear, out, norm, heads, rows, columns) -> AttentionWeights:
+def module_weights(linear, out, norms, heads, rows, columns) -> AttentionWeights:
+    """A site's weights straight from the block's modules; ``norms``: the q and k RMS norms' gain tensors."""
     q, k, v = linear.weight[:rows].detach().chunk(3)
     q_bias, k_bias, v_bias = linear.bias[:rows].detach().chunk(3)
-    return AttentionWeights(q, k, v, out.weight[:, :columns].detach(), heads, q_norm=norm.query_norm.scale.detach(),
-                            k_norm=norm.key_norm.scale.detach(), q_bias=q_bias, k_bias=k_bias, v_bias=v_bias)
+    return AttentionWeights(q, k, v, out.weight[:, :columns].detach(), heads, q_norm=norms[0].detach(),
+                            k_norm=norms[1].detach(), q_bias=q_bias, k_bias=k_bias, v_bias=v_bias)
+
+
+def flux_norms(qk_norm):
+    return qk_norm.query_norm.scale, qk_norm.key_norm.scale
 
 
 def record(seen, name, what="input", first=True):
@@ -74,7 +81,8 @@ def test_exact_response_matches_the_hosts_double_block(flux):
     block = copy.deepcopy(model.double_blocks[0]).double()
     generator = torch.Generator().manual_seed(2)
     img, txt, vec, pe = block_inputs(model, generator)
-    direction = torch.nn.functional.normalize(torch.randn(model.hidden_size, generator=generator, dtype=torch.float64), dim=0)
+    direction = torch.nn.functional.normalize(
+        torch.randn(model.hidden_size, generator=generator, dtype=torch.float64), dim=0)
     seen = {}
 
     def run(t):
@@ -89,9 +97,10 @@ def test_exact_response_matches_the_hosts_double_block(flux):
                 hook.remove()
         return seen["out"][0]
     measured = finite_difference(run)
-    weights = module_weights(block.img_attn.qkv, block.img_attn.proj, block.img_attn.norm, block.num_heads,
+    weights = module_weights(block.img_attn.qkv, block.img_attn.proj, flux_norms(block.img_attn.norm), block.num_heads,
                              3 * model.hidden_size, model.hidden_size)
-    text_weights = module_weights(block.txt_attn.qkv, block.txt_attn.proj, block.txt_attn.norm, block.num_heads,
+    text_weights = module_weights(block.txt_attn.qkv, block.txt_attn.proj, flux_norms(block.txt_attn.norm),
+                                  block.num_heads,
                                   3 * model.hidden_size, model.hidden_size)
     rotations = pe[0, 0]
     context = joint_context(text_weights, seen["text"][0], rotations[:TEXT])
@@ -129,12 +138,49 @@ def test_exact_response_matches_the_hosts_single_block(flux):
                 hook.remove()
         return seen["attention"][0, TEXT:, :hidden] @ block.linear2.weight[:, :hidden].T
     measured = finite_difference(run)
-    weights = module_weights(block.linear1, block.linear2, block.norm, block.num_heads, 3 * hidden, hidden)
+    weights = module_weights(block.linear1, block.linear2, flux_norms(block.norm), block.num_heads, 3 * hidden, hidden)
     rotations, tokens = pe[0, 0], seen["tokens"][0]
     context = joint_context(weights, tokens[:TEXT], rotations[:TEXT])
     predicted = shift_jacobian(tokens[TEXT:], weights, rotations[TEXT:], context) @ direction
     error = (predicted - measured).norm() / measured.norm()
     assert error <= 1e-4, error  # measured 1.3e-10
+
+
+def test_exact_response_matches_the_hosts_sd3_joint_block(host):
+    """The same for SD3.5's joint block (the host's _block_mixing): the image stream's attention with RMS-normed q
+    and k, no rotary positions, the context block's tokens (their own weights) as unshifted context."""
+    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+    from harness.test_nodes.dits import build_dit
+    model = build_dit("sd3", seed=1).model.diffusion_model
+    block = copy.deepcopy(model.joint_blocks[0]).double()
+    attention, text_attention = block.x_block.attn, block.context_block.attn
+    width = attention.qkv.weight.shape[1]
+    generator = torch.Generator().manual_seed(5)
+    x, context, c = (torch.randn(*shape, generator=generator, dtype=torch.float64)
+                     for shape in ((1, GRID[0] * GRID[1], width), (1, TEXT, width), (1, width)))
+    direction = torch.nn.functional.normalize(torch.randn(width, generator=generator, dtype=torch.float64), dim=0)
+    seen = {}
+
+    def run(t):
+        hooks = [attention.qkv.register_forward_pre_hook(lambda m, a: (a[0] + t * direction,)),
+                 attention.qkv.register_forward_hook(record(seen, "tokens")),
+                 text_attention.qkv.register_forward_hook(record(seen, "text")),
+                 attention.proj.register_forward_hook(record(seen, "attention", first=False))]
+        try:
+            mmdit._block_mixing(context.clone(), x.clone(), block.context_block, block.x_block, c)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return seen["attention"][0] @ attention.proj.weight.T
+    measured = finite_difference(run)
+
+    def weights_of(module):
+        return module_weights(module.qkv, module.proj, (module.ln_q.weight, module.ln_k.weight), module.num_heads,
+                              3 * width, width)
+    predicted = shift_jacobian(seen["tokens"][0], weights_of(attention), None,
+                               joint_context(weights_of(text_attention), seen["text"][0])) @ direction
+    error = (predicted - measured).norm() / measured.norm()
+    assert error <= 1e-4, error
 
 
 def test_whitened_qk_norm_operator_finds_the_strongest_shifts():
@@ -174,10 +220,11 @@ def test_discover_reads_every_flux_attention_site(host, flux):
     node = host.nodes.NODE_CLASS_MAPPINGS["DiscoverAttentionEigendirections"]()
     hidden = model.hidden_size
     expected_weights = {
-        "double_blocks.1.img_attn": module_weights(model.double_blocks[1].img_attn.qkv, model.double_blocks[1].img_attn.proj,
-                                                   model.double_blocks[1].img_attn.norm, 2, 3 * hidden, hidden),
+        "double_blocks.1.img_attn": module_weights(
+            model.double_blocks[1].img_attn.qkv, model.double_blocks[1].img_attn.proj,
+            flux_norms(model.double_blocks[1].img_attn.norm), 2, 3 * hidden, hidden),
         "single_blocks.0.attn": module_weights(model.single_blocks[0].linear1, model.single_blocks[0].linear2,
-                                               model.single_blocks[0].norm, 2, 3 * hidden, hidden)}
+                                               flux_norms(model.single_blocks[0].norm), 2, 3 * hidden, hidden)}
     for method in ("whitened", "value", "qkv-stack"):
         dset, _ = node.discover(patcher, "all", 3, method, 1.0)
         assert list(dset.sites) == ["double_blocks.0.img_attn", "double_blocks.1.img_attn", "single_blocks.0.attn",
@@ -204,10 +251,13 @@ class FluxKit:
         registry = host.nodes.NODE_CLASS_MAPPINGS
         self.apply_node = registry["ApplyDirection"]()
         self.model = self.build(seed=5)
+        self.sites = SITES[family]
+        self.qkv_rows = 3 * self.model.model.diffusion_model.get_submodule(self.sites[0][1]).weight.shape[1]
         patch = self.model.model.diffusion_model.patch_size
         self.latent_shape = (self.model.get_model_object("latent_format").latent_channels, patch * GRID[0],
                              patch * GRID[1])
-        self.directions = registry["DiscoverAttentionEigendirections"]().discover(self.model, "all", 2, "whitened", 1.0)[0]
+        discover = registry["DiscoverAttentionEigendirections"]()
+        self.directions = discover.discover(self.model, "all", 2, "whitened", 1.0)[0]
 
     def apply(self, model=None, layer="all", alpha=0.5, start=0.0, end=1.0, mask=None, alpha_list="", apply_to="both"):
         return self.apply_node.apply(model or self.model, self.directions, 0, layer, alpha, start, end, apply_to,
@@ -228,7 +278,15 @@ def text(seed):
     return [[torch.randn(1, TEXT, 32, generator=generator), {"pooled_output": torch.randn(1, 16, generator=generator)}]]
 
 
-@pytest.fixture(scope="module", params=["flux", "flux2", "chroma"])
+FLUX_SITES = [("double_blocks.1.img_attn", "double_blocks.1.img_attn.qkv", False),
+              ("single_blocks.0.attn", "single_blocks.0.linear1", True)]
+# (site, its linear, whether the linear's input is joint: text tokens first) for each family's tests
+SITES = {"flux": FLUX_SITES, "flux2": FLUX_SITES, "chroma": FLUX_SITES,
+         "sd3": [("joint_blocks.1.x_block.attn", "joint_blocks.1.x_block.attn.qkv", False),
+                 ("joint_blocks.0.x_block.attn2", "joint_blocks.0.x_block.attn2.qkv", False)]}
+
+
+@pytest.fixture(scope="module", params=["flux", "flux2", "chroma", "sd3"])
 def flux_kit(host, request):
     return FluxKit(host, request.param)
 
@@ -240,12 +298,12 @@ def linear_of(module, x):
 
 
 class Recording:
-    """A DIFFUSION_MODEL wrapper put on a clone after the edits, so that inside each model call it hooks the module at
-    ``path`` after the edits' hooks: every call's (input, output) as the model used them. The edits' own calls
-    that map a single vector (2-D inputs) are left out."""
+    """A model-call wrapper put on a clone after the edits, at the same level as theirs, so that inside each model
+    call it hooks the module at ``path`` after the edits' hooks: every call's (input, output) as the model used
+    them. The edits' own calls that map a single vector (2-D inputs) are left out."""
 
-    def __init__(self, path):
-        self.path, self.calls = path, []
+    def __init__(self, path, level):
+        self.path, self.level, self.calls = path, level, []
 
     def __deepcopy__(self, memo):
         return self
@@ -254,7 +312,8 @@ class Recording:
         def hook(module, inputs, out):
             if inputs[0].ndim == 3:
                 self.calls.append((inputs[0].detach().clone(), out.detach().clone()))
-        handle = executor.class_obj.get_submodule(self.path).register_forward_hook(hook)
+        model = executor.class_obj.diffusion_model if self.level == "apply_model" else executor.class_obj
+        handle = model.get_submodule(self.path).register_forward_hook(hook)
         try:
             return executor(*args, **kwargs)
         finally:
@@ -264,9 +323,17 @@ class Recording:
 def recorded(patcher, path):
     """(a clone of ``patcher`` that records the module at ``path``, its list of calls, the host's module)."""
     import comfy.patcher_extension
-    recording, clone = Recording(path), patcher.clone()
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, "test recording", recording)
+    site = next(s for s in host_layer().dit.sites(patcher).values() if s.linear == path)
+    recording, clone = Recording(path, site.call_wrapper), patcher.clone()
+    level = {"apply_model": comfy.patcher_extension.WrappersMP.APPLY_MODEL,
+             "diffusion_model": comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL}[site.call_wrapper]
+    clone.add_wrapper_with_key(level, "test recording", recording)
     return clone, recording.calls, patcher.model.diffusion_model.get_submodule(path)
+
+
+def host_layer():
+    from semantic_directions.nodes import host
+    return host
 
 
 def image_tokens(x, joint):
@@ -275,20 +342,20 @@ def image_tokens(x, joint):
     return slice(x.shape[1] - GRID[0] * GRID[1], None) if joint else slice(0, GRID[0] * GRID[1])
 
 
-@pytest.mark.parametrize("site, linear, joint", [("double_blocks.1.img_attn", "double_blocks.1.img_attn.qkv", False),
-                                                 ("single_blocks.0.attn", "single_blocks.0.linear1", True)])
-def test_apply_moves_the_attention_input_on_edited_steps_only(flux_kit, site, linear, joint):
+@pytest.mark.parametrize("which", [0, 1])
+def test_apply_moves_the_attention_input_on_edited_steps_only(flux_kit, which):
     """At a Flux site the q, k and v rows of the linear's output move by exactly the linear image of alpha x rms x n
     (rms over the image's tokens) on steps inside the range, on image tokens only; the MLP rows and text tokens
     never move."""
     steps, alpha = 6, 0.5
+    site, linear, joint = flux_kit.sites[which]
     patched, calls, module = recorded(flux_kit.apply(layer=site, alpha=alpha, start=0.3, end=0.7), linear)
     flux_kit.sample(patched, steps=steps)
     assert len(calls) == steps
     sampling = flux_kit.model.get_model_object("model_sampling")
     low, high = sampling.percent_to_sigma(0.7), sampling.percent_to_sigma(0.3)
     direction = flux_kit.directions.sites[site].vectors[0].double()
-    weight, qkv_rows = module.weight.detach().double(), 3 * 32
+    weight, qkv_rows = module.weight.detach().double(), flux_kit.qkv_rows
     edited = 0
     for (x, out), sigma in zip(calls, flux_kit.sigmas(steps)[:-1]):
         x, change = x.double(), out.double() - linear_of(module, x)
@@ -312,7 +379,8 @@ def test_alpha_zero_is_bit_identical_and_weights_never_change(flux_kit):
     assert torch.equal(flux_kit.sample(flux_kit.apply(alpha=0.0)), reference)
     edited = flux_kit.sample(flux_kit.apply(alpha=1.0))
     assert not torch.equal(edited, reference) and torch.isfinite(edited).all()
-    chained = flux_kit.sample(flux_kit.apply(flux_kit.apply(layer="double_blocks.0", alpha=1.0), layer="single", alpha=1.0))
+    first, second = (site for site, _, _ in flux_kit.sites)
+    chained = flux_kit.sample(flux_kit.apply(flux_kit.apply(layer=first, alpha=1.0), layer=second, alpha=1.0))
     assert not torch.equal(chained, edited)
     assert torch.equal(flux_kit.sample(model), reference)
     assert all(torch.equal(p, before[name]) for name, p in model.model.state_dict().items())
@@ -321,7 +389,7 @@ def test_alpha_zero_is_bit_identical_and_weights_never_change(flux_kit):
 def test_mask_and_alpha_list_on_the_patch_grid(flux_kit):
     """A mask restricts the shift to the image tokens it covers (resized to the patch grid); alpha_list gives each
     image of the batch its own strength."""
-    site, linear = "double_blocks.0.img_attn", "double_blocks.0.img_attn.qkv"
+    site, linear, _ = flux_kit.sites[0]
     mask = torch.zeros(flux_kit.latent_shape[1] * 8, flux_kit.latent_shape[2] * 8)
     mask[:, : mask.shape[1] // 2] = 1  # the left half of the image: the left two of four token columns
     patched, calls, module = recorded(flux_kit.apply(layer=site, alpha=0.0, alpha_list="0.5, -1", mask=mask), linear)
@@ -340,7 +408,7 @@ def test_lora_and_half_precision_flux(flux_kit):
     """A LoRA on the site's linear: Discover reads the patched weights, and the edit's shift is the image under the
     patched weights (the object patch shares the host's parameters, so the host still patches them by name).
     A float16 Flux samples an edit to finite values."""
-    site, linear = "single_blocks.1.attn", "single_blocks.1.linear1"
+    site, linear, joint = flux_kit.sites[-1]
     key = f"diffusion_model.{linear}.weight"
     delta = 0.2 * torch.randn(flux_kit.model.model.state_dict()[key].shape, generator=torch.Generator().manual_seed(9))
     lora = flux_kit.model.clone()
@@ -353,10 +421,10 @@ def test_lora_and_half_precision_flux(flux_kit):
     flux_kit.sample(patched, steps=2)
     direction = flux_kit.directions.sites[site].vectors[0].double()
     x, out = (t.double() for t in calls[0])
-    image = image_tokens(x, joint=True)
+    image, rows = image_tokens(x, joint), flux_kit.qkv_rows
     rms = x[:, image].pow(2).sum(-1).mean(-1).sqrt()
     expected = x @ weight.T + (0 if module.bias is None else module.bias.detach().double())
-    expected[:, image, :96] += rms[:, None, None] * (weight[:96] @ direction)
+    expected[:, image, :rows] += rms[:, None, None] * (weight[:rows] @ direction)
     assert (out - expected).abs().max() <= 1e-5 * out.abs().max()
     half = flux_kit.build(seed=5, dtype=torch.float16)
     edited = flux_kit.sample(flux_kit.apply(half, alpha=0.5), steps=2)
@@ -366,15 +434,17 @@ def test_lora_and_half_precision_flux(flux_kit):
 def test_bad_weights_and_foreign_sets_are_refused_by_name(flux_kit, host):
     """NaN in a site's weights (here through a LoRA) is a one-line error naming the site; a UNet's set on Flux
     names both families."""
-    key = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
+    site, linear, _ = flux_kit.sites[0]
+    key = f"diffusion_model.{linear}.weight"
     broken = flux_kit.model.clone()
     broken.add_patches({key: (torch.full(flux_kit.model.model.state_dict()[key].shape, float("nan")),)})
     discover = host.nodes.NODE_CLASS_MAPPINGS["DiscoverAttentionEigendirections"]()
-    with pytest.raises(ValueError, match=r"^model: the attention weights of double_blocks\.0\.img_attn hold NaN"):
+    with pytest.raises(ValueError, match=f"^model: the attention weights of {re.escape(site)} hold NaN"):
         discover.discover(broken, "all", 2, "value", 1.0)
     from harness.test_nodes.unets import build_unet
     unet_set = discover.discover(build_unet("sd15"), "middle", 2, "value", 1.0)[0]
-    with pytest.raises(ValueError, match=f"^directions: made for SD15 but this model is {type(flux_kit.model.model).__name__}"):
+    name = type(flux_kit.model.model).__name__
+    with pytest.raises(ValueError, match=f"^directions: made for SD15 but this model is {name}"):
         flux_kit.apply_node.apply(flux_kit.model, unet_set, 0, "all", 0.5, 0.0, 1.0, "both")
 
 
@@ -417,10 +487,11 @@ def test_unet_only_nodes_refuse_flux_by_name(flux_kit, host):
             model, text(1), text(2), {"samples": latent["samples"][:1]}, 0, 0.3, 1.0, "all", 2),
     }
     for call in calls.values():
-        with pytest.raises(ValueError, match=f"^model: no UNet self-attention layers found in this {name} model; this "
-                                             f"node supports SD1.x, SD2.x, SDXL .* \\(not Flux, Flux.2 and Chroma yet\\)$"):
+        with pytest.raises(ValueError, match=f"^model: no UNet self-attention layers found in this {name} model; "
+                                             f"this node supports SD1.x, SD2.x, SDXL .* \\(not Flux, Flux.2, Chroma and "
+                                             f"SD3 yet\\)$"):
             call()
-    hspace = flux_kit.directions.__class__(sites={"h_space": flux_kit.directions.sites["double_blocks.0.img_attn"]},
+    hspace = flux_kit.directions.__class__(sites={"h_space": flux_kit.directions.sites[flux_kit.sites[0][0]]},
                                            method="test", model=flux_kit.directions.model)
     with pytest.raises(ValueError, match=f"^model: this {name} model has no UNet middle block, so no h-space"):
         flux_kit.apply_node.apply(model, hspace, 0, "all", 0.5, 0.0, 1.0, "both")
@@ -450,12 +521,12 @@ def test_token_variance_on_qk_normed_attention(flux_kit, host):
     the same directions; 0 is the value path, as on UNets."""
     discover = host.nodes.NODE_CLASS_MAPPINGS["DiscoverAttentionEigendirections"]()
     model = flux_kit.model
-    zero = discover.discover(model, "double_blocks.0", 3, "whitened", 0.0)[0]
-    value = discover.discover(model, "double_blocks.0", 3, "value", 1.0)[0]
-    site = "double_blocks.0.img_attn"
+    site = flux_kit.sites[0][0]
+    zero, value = (discover.discover(model, site, 3, method, 1.0 if method == "value" else 0.0)[0]
+                   for method in ("whitened", "value"))
     assert torch.allclose(zero.sites[site].vectors, value.sites[site].vectors, atol=1e-5)
     if flux_kit.family == "flux2":
-        one, four = (discover.discover(model, "double_blocks.0", 3, "whitened", s)[0] for s in (1.0, 4.0))
+        one, four = (discover.discover(model, site, 3, "whitened", s)[0] for s in (1.0, 4.0))
         assert torch.allclose(one.sites[site].vectors, four.sites[site].vectors, atol=1e-5)
 
 

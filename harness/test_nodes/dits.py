@@ -31,17 +31,27 @@ CHROMA_DIT = {  # Chroma: Flux's blocks without per-block modulation, which a di
     "theta": 10000, "patch_size": 2, "qkv_bias": True, "in_dim": 64, "out_dim": 3072, "hidden_dim": 5120,
     "n_layers": 5,
 }
+SD35_DIT = {  # SD3.5 Large as the host detects it: 38 joint blocks of width 64 x 38, RMS-normed q and k
+    "in_channels": 16, "out_channels": 16, "patch_size": 2, "depth": 38, "adm_in_channels": 2048,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 2432}},
+    "pos_embed_max_size": 192, "num_patches": 36864, "qk_norm": "rms", "pos_embed_scaling_factor": None,
+}
+TINY_SD3 = {  # two joint blocks of width 128 (2 heads of 64), the first with SD3.5 Medium's second image attention
+    "depth": 2, "adm_in_channels": 16, "pos_embed_max_size": 16, "num_patches": 256, "x_block_self_attn_layers": [0],
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}},
+}
 TINY = {"hidden_size": 32, "num_heads": 2, "axes_dim": [4, 6, 6], "depth": 2, "depth_single_blocks": 2,
         "context_in_dim": 32, "mlp_ratio": 2.0}
 FAMILIES = {
     "flux": (comfy.supported_models.Flux, FLUX_DIT, {**TINY, "vec_in_dim": 16}),
     "flux2": (comfy.supported_models.Flux2, FLUX2_DIT, {**TINY, "axes_dim": [4, 4, 4, 4]}),
     "chroma": (comfy.supported_models.Chroma, CHROMA_DIT, {**TINY, "out_dim": 32, "hidden_dim": 32, "n_layers": 2}),
+    "sd3": (comfy.supported_models.SD3, SD35_DIT, TINY_SD3),
 }
 
 
 def build_dit(family="flux", seed=0, dtype=torch.float32, full_size=False, **overrides):
-    """A ModelPatcher around the host's model of ``family`` (flux, flux2, chroma), weights drawn from ``seed``;
+    """A ModelPatcher around the host's model of ``family`` (flux, flux2, chroma, sd3), weights drawn from ``seed``;
     ``overrides`` change the config. Tiny models keep the family's latent channels and patch size."""
     config_class, full, tiny = FAMILIES[family]
     model_config = config_class({**full, **({} if full_size else tiny), **overrides})

@@ -82,7 +82,7 @@ def attention_sites(patcher) -> dict:
                                     dit.read_weights(key_patches, site, device, read_weight))
                 for path, site in blocks.items()}
     raise ValueError(f"model: no self-attention layers found in this {family(patcher)} model; the pack supports "
-                     f"{SUPPORTED_FAMILIES} (not SD3, Qwen-Image or other models yet)")
+                     f"{SUPPORTED_FAMILIES} (not Qwen-Image or other models yet)")
 
 
 def site_widths(patcher) -> dict:
@@ -104,7 +104,8 @@ def select_layers(paths: list, spec: str, input_name: str = "layers") -> list:
     return [p for p in paths if p in chosen]
 
 
-def read_weight(key_patches: dict, key: str, device, rows: int | None = None, columns: int | None = None) -> torch.Tensor:
+def read_weight(key_patches: dict, key: str, device, rows: int | None = None,
+                columns: int | None = None) -> torch.Tensor:
     """One weight in float32 on ``device``, this patcher's patches merged; only its first ``rows`` and ``columns``
     if given.
 

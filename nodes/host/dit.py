@@ -8,6 +8,11 @@ QK RMS-norm and rotary positions:
   of ``linear1``, whose input holds the text tokens and then the image tokens, and the attention
   output enters the first hidden columns of ``linear2`` (the rest belong to the MLP).
 
+SD3 and SD3.5 (comfy/ldm/modules/diffusionmodules/mmdit.py) have joint blocks whose image stream's
+attention, 'joint_blocks.5.x_block.attn', takes q, k and v from ``attn.qkv`` (image tokens only)
+and gives its output to ``attn.proj``, with RMS-norm of q and k (SD3.5) or none (SD3) and no
+rotary positions; SD3.5 Medium's blocks add a second image-only attention, '...x_block.attn2'.
+
 A site's tokens are the image tokens of the linear's input (the block's modulated norm output).
 Apply Direction moves them by changing only the q, k and v rows of that linear's output, which is
 exact (the map is linear) and leaves the MLP and the text tokens untouched.
@@ -20,56 +25,84 @@ import comfy.patcher_extension
 
 from ...directions.attention import AttentionWeights
 
-FAMILIES = "Flux, Flux.2 and Chroma"
-GROUPS = {"double": "double_blocks", "single": "single_blocks"}
+FAMILIES = "Flux, Flux.2, Chroma and SD3"
+GROUPS = {"double": "double_blocks", "single": "single_blocks", "joint": "joint_blocks"}
 WRAPPER_KEY = "semantic_directions"
 
 
 @dataclass(frozen=True)
 class DitSite:
-    """Where one site's weights live (module paths under the diffusion model) and how its linear's input is laid out."""
+    """Where one site's weights live (paths under the diffusion model) and how its linear's input is laid out."""
     linear: str  # the linear fed the attention input
     qkv_rows: int  # its first rows are q, k and v (3 x inner)
     out: str  # the output projection
     out_columns: int  # its first columns take the attention output
-    norm: str  # the QK-norm module (query_norm.scale, key_norm.scale)
+    q_norm: str | None  # the gains of the queries' RMS norm, if any
+    k_norm: str | None
     heads: int
     width: int
     joint: bool  # the linear's input holds the text tokens first, then the image tokens
+    call_wrapper: str = "diffusion_model"  # the host wrapper that sees each model call (WrappersMP)
 
 
 def sites(patcher) -> dict:
-    """Every image-attention site of a Flux-like model by path, double blocks then single blocks; {} for others."""
+    """Every image-attention site of a Flux-like or SD3 model by path, in block order; {} for other models."""
     model = getattr(patcher.model, "diffusion_model", None)
     found = {}
     for i, block in enumerate(getattr(model, "double_blocks", None) or []):
         attention = getattr(block, "img_attn", None)
         if attention is None or not hasattr(attention, "qkv") or not hasattr(attention, "norm"):
             continue
-        inner = attention.proj.weight.shape[1]
+        inner, norm = attention.proj.weight.shape[1], f"double_blocks.{i}.img_attn.norm"
         found[f"double_blocks.{i}.img_attn"] = DitSite(
             f"double_blocks.{i}.img_attn.qkv", 3 * inner, f"double_blocks.{i}.img_attn.proj", inner,
-            f"double_blocks.{i}.img_attn.norm", block.num_heads, attention.qkv.weight.shape[1], joint=False)
+            f"{norm}.query_norm.scale", f"{norm}.key_norm.scale", block.num_heads, attention.qkv.weight.shape[1],
+            joint=False)
     for i, block in enumerate(getattr(model, "single_blocks", None) or []):
         if not all(hasattr(block, name) for name in ("linear1", "linear2", "norm", "hidden_size")):
             continue
+        norm = f"single_blocks.{i}.norm"
         found[f"single_blocks.{i}.attn"] = DitSite(
             f"single_blocks.{i}.linear1", 3 * block.hidden_size, f"single_blocks.{i}.linear2", block.hidden_size,
-            f"single_blocks.{i}.norm", block.num_heads, block.linear1.weight.shape[1], joint=True)
+            f"{norm}.query_norm.scale", f"{norm}.key_norm.scale", block.num_heads, block.linear1.weight.shape[1],
+            joint=True)
+    for i, block in enumerate(getattr(model, "joint_blocks", None) or []):
+        for name in ("attn", "attn2"):
+            attention = getattr(getattr(block, "x_block", None), name, None)
+            if attention is None or not hasattr(attention, "qkv") or getattr(attention, "pre_only", True):
+                continue
+            path = f"joint_blocks.{i}.x_block.{name}"
+            norms = [f"{path}.{norm}.weight" if _rms_norm(getattr(attention, norm)) else None
+                     for norm in ("ln_q", "ln_k")]
+            found[path] = DitSite(f"{path}.qkv", attention.qkv.weight.shape[0], f"{path}.proj",
+                                  attention.proj.weight.shape[1], *norms, attention.num_heads,
+                                  attention.qkv.weight.shape[1], joint=False, call_wrapper="apply_model")
     return found
+
+
+def _rms_norm(module) -> bool:
+    """SD3's q and k norms: an RMS norm with gains (SD3.5), none (SD3); a LayerNorm is refused by name."""
+    kind = type(module).__name__
+    if kind == "Identity":
+        return False
+    if kind == "RMSNorm" and getattr(module, "weight", None) is not None:
+        return True
+    raise ValueError(f"model: its attention normalises queries and keys with {kind}, which the pack's attention math "
+                     f"does not cover; it supports RMS norms with gains, or none")
 
 
 def read_weights(key_patches: dict, site: DitSite, device, read_weight) -> AttentionWeights:
     """The site's q, k, v, out, QK-norm gains and biases in float32, this patcher's patches merged."""
-    def weight(path, name, rows=None, columns=None):
-        key = f"diffusion_model.{path}.{name}"
+    def weight(key, rows=None, columns=None):
+        key = f"diffusion_model.{key}"
         return read_weight(key_patches, key, device, rows, columns) if key in key_patches else None
-    qkv, out = weight(site.linear, "weight", rows=site.qkv_rows), weight(site.out, "weight", columns=site.out_columns)
-    bias = weight(site.linear, "bias", rows=site.qkv_rows)
+    qkv = weight(f"{site.linear}.weight", rows=site.qkv_rows)
+    out = weight(f"{site.out}.weight", columns=site.out_columns)
+    bias = weight(f"{site.linear}.bias", rows=site.qkv_rows)
     q, k, v = qkv.chunk(3)
     biases = (None, None, None) if bias is None else bias.chunk(3)
-    return AttentionWeights(q, k, v, out, heads=site.heads, q_norm=weight(site.norm, "query_norm.scale"),
-                            k_norm=weight(site.norm, "key_norm.scale"), q_bias=biases[0], k_bias=biases[1],
+    return AttentionWeights(q, k, v, out, heads=site.heads, q_norm=site.q_norm and weight(site.q_norm),
+                            k_norm=site.k_norm and weight(site.k_norm), q_bias=biases[0], k_bias=biases[1],
                             v_bias=biases[2])
 
 
@@ -82,35 +115,48 @@ class ModelCall:
 
 
 class ShiftsDuringCalls:
-    """DIFFUSION_MODEL wrapper that, for the duration of each model call, hooks the sites' linears so their outputs
-    also get ``shift(call, x, out, image_of)``'s change, and removes the hooks when the call ends.
+    """A model-call wrapper that, for the duration of each call, hooks the sites' linears so their outputs also get
+    ``shift(call, x, out, image_of)``'s change, and removes the hooks when the call ends.
 
     Only a clone carrying this wrapper ever runs with the hooks, weights are never touched (the host still loads,
     casts and LoRA-patches them as usual), and chained edits nest. ``image_of(vector)`` is the linear's image of a
-    vector (the linear on the vector and on zero, differenced), so shifts stay exact under any patching.
+    vector (the linear on the vector and on zero, differenced), so shifts stay exact under any patching. Flux-like
+    models call DIFFUSION_MODEL wrappers (which see the text tokens as the blocks do); SD3's model does not, so
+    its sites use the APPLY_MODEL wrapper around it (its image streams hold image tokens only).
     """
 
-    def __init__(self, shifts: list):
-        self.shifts = shifts  # [(DitSite, shift)]
+    def __init__(self, shifts: list, level: str):
+        self.shifts, self.level = shifts, level  # [(DitSite, shift)], "diffusion_model" or "apply_model"
 
     def __deepcopy__(self, memo):
         return self
 
-    def __call__(self, executor, x, timestep, context, *args, **kwargs):
-        options = kwargs.get("transformer_options")
-        if options is None:
-            options = next((a for a in args if isinstance(a, dict) and "sigmas" in a), {})
-        model = executor.class_obj
-        patch = model.patch_size
-        call = ModelCall(options, ((x.shape[-2] + patch // 2) // patch, (x.shape[-1] + patch // 2) // patch),
+    def __call__(self, executor, x, *args, **kwargs):
+        if self.level == "apply_model":  # (x, t, c_concat, c_crossattn, control, transformer_options)
+            model, context = executor.class_obj.diffusion_model, None
+            options = _argument(args, kwargs, 4, "transformer_options")
+        else:  # (x, timestep, context, ..., transformer_options)
+            model, context = executor.class_obj, kwargs.get("context", args[1] if len(args) > 1 else None)
+            options = _argument(args, kwargs, None, "transformer_options")
+        patch = model.patch_size if isinstance(model.patch_size, int) else model.patch_size[-1]
+        call = ModelCall(options or {}, tuple(-(-size // patch) for size in x.shape[-2:]),
                          context.shape[1] if context is not None else 0)
         handles = [model.get_submodule(site.linear).register_forward_hook(_OutputShift(call, shift))
                    for site, shift in self.shifts]
         try:
-            return executor(x, timestep, context, *args, **kwargs)
+            return executor(x, *args, **kwargs)
         finally:
             for handle in handles:
                 handle.remove()
+
+
+def _argument(args, kwargs, index, name):
+    """A wrapped call's ``name`` argument: by keyword, at ``index``, or the positional dict that has 'sigmas'."""
+    if name in kwargs:
+        return kwargs[name]
+    if index is not None and len(args) > index:
+        return args[index]
+    return next((a for a in args if isinstance(a, dict) and "sigmas" in a), None)
 
 
 class _OutputShift:
@@ -136,8 +182,11 @@ class _OutputShift:
 
 def add_shifts(patcher, shifts: list) -> None:
     """Put ``shifts`` [(DitSite, shift)] on ``patcher`` (a clone): see :class:`ShiftsDuringCalls`."""
-    patcher.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY,
-                                 ShiftsDuringCalls(shifts))
+    for level in dict.fromkeys(site.call_wrapper for site, _ in shifts):
+        wrapper = {"diffusion_model": comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                   "apply_model": comfy.patcher_extension.WrappersMP.APPLY_MODEL}[level]
+        patcher.add_wrapper_with_key(wrapper, WRAPPER_KEY, ShiftsDuringCalls(
+            [(site, shift) for site, shift in shifts if site.call_wrapper == level], level))
 
 
 def image_token_range(site: DitSite, call: ModelCall) -> slice:
