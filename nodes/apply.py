@@ -83,8 +83,7 @@ class DitShift:
         if coefficients is None:
             return out
         moved = image_of(self.patch.edit.vector(self.path, x))[:self.site.qkv_rows]
-        out = out.clone()
-        out[:, tokens, :self.site.qkv_rows] += coefficients[..., None] * moved
+        out[:, tokens, :self.site.qkv_rows].addcmul_(coefficients[..., None], moved)  # the linear's own fresh output
         return out
 
 
