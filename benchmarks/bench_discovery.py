@@ -14,7 +14,7 @@ found and the true top-k subspaces over the layers whose gap sigma_k / sigma_k+1
 """
 import torch
 
-from benchmarks.common import PeakRss, arguments, report, start_host, timed
+from benchmarks.common import PeakRss, arguments, full_eigh_gains, report, start_host, timed
 
 COUNT, REPEATS = 10, 3
 
@@ -42,15 +42,8 @@ def main():
 
     def full_eigh(patcher):
         def run(_):
-            sites, key_patches = unet_host.attention_sites(patcher), patcher.get_key_patches("diffusion_model.")
-            exact_gains = {}
-            for path, site in sites.items():
-                weights = site.read(key_patches, device)
-                with torch.no_grad():
-                    apply, _ = attention.shift_operator(weights, "whitened")
-                    jacobian = apply(torch.eye(weights.width, device=device))
-                    eigenvalues = torch.linalg.eigh(jacobian.T @ jacobian).eigenvalues
-                exact_gains[path] = eigenvalues.flip(0)[:COUNT].clamp(min=0).sqrt().cpu()
+            exact_gains = full_eigh_gains(unet_host.attention_sites(patcher), patcher.get_key_patches("diffusion_model."),
+                                          device, COUNT)
             synchronize()
             return exact_gains
         return run

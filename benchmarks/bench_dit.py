@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from benchmarks.common import PeakRss, arguments, report, start_host, timed
+from benchmarks.common import PeakRss, arguments, full_eigh_gains, report, start_host, timed
 
 COUNT, REPEATS, STEPS = 10, 3, 4
 APPLY_SHAPE = {"depth": 1, "depth_single_blocks": 2, "context_in_dim": 64, "vec_in_dim": 64}
@@ -46,8 +46,8 @@ def full_size_sites(host_layer, dits, device):
             if module.bias is not None:
                 key_patches[f"diffusion_model.{path}.bias"] = [(
                     0.02 * torch.randn(shape[0], generator=generator).half(), lambda w, inplace: w)]
-        for name in ("query_norm.scale", "key_norm.scale"):
-            key_patches[f"diffusion_model.{block.norm}.{name}"] = [(
+        for norm in (block.q_norm, block.k_norm):
+            key_patches[f"diffusion_model.{norm}"] = [(
                 (1 + 0.1 * torch.randn(128, generator=generator)).half(), lambda w, inplace: w)]
     return sites, key_patches
 
@@ -76,7 +76,7 @@ def families_covered(host, dits) -> list:
     return covered
 
 
-def discovery(host_layer, dits, attention, discover_sites, device) -> dict:
+def discovery(host_layer, dits, discover_sites, device) -> dict:
     """Discover's loop on the full-size Flux.1 sites beside the full-eigh baseline (the weights freed on return)."""
     sites, key_patches = full_size_sites(host_layer, dits, device)
     figures = {"flux_sites": len(sites)}
@@ -85,22 +85,12 @@ def discovery(host_layer, dits, attention, discover_sites, device) -> dict:
         params = {"count": COUNT, "method": "whitened", "token_variance": 1.0}
         return discover_sites(sites, key_patches, device, params)
 
-    def full_eigh():
-        gains = {}
-        for path, site in sites.items():
-            weights = site.read(key_patches, device)
-            with torch.no_grad():
-                apply, _ = attention.shift_operator(weights, "whitened")
-                jacobian = apply(torch.eye(weights.width, device=device))
-                eigenvalues = torch.linalg.eigh(jacobian.T @ jacobian).eigenvalues
-            gains[path] = eigenvalues.flip(0)[:COUNT].clamp(min=0).sqrt().cpu()
-        return gains
     with PeakRss() as memory:
         seconds, found = timed(discover, REPEATS)
     figures["flux_all_blocks_s"] = round(seconds, 3)
     figures["flux_discover_extra_peak_rss_mb"] = round(memory.extra_mb, 1)
     start = time.perf_counter()
-    exact = full_eigh()
+    exact = full_eigh_gains(sites, key_patches, device, COUNT)
     figures["flux_full_eigh_s"] = round(time.perf_counter() - start, 3)
     figures["flux_speedup_vs_full_eigh"] = round(figures["flux_full_eigh_s"] / figures["flux_all_blocks_s"], 2)
     figures["flux_max_relative_gain_error"] = round(max(
@@ -114,7 +104,6 @@ def main():
     import comfy.model_management
     import comfy.sample
     import comfy.samplers
-    from semantic_directions.directions import attention
     from semantic_directions.nodes import host as host_layer
     from semantic_directions.nodes.discover import discover_sites
 
@@ -122,7 +111,7 @@ def main():
     device = comfy.model_management.get_torch_device()
     figures = {"device": str(device), "threads": torch.get_num_threads(), "count": COUNT, "weights_dtype": "float16"}
 
-    figures.update(discovery(host_layer, dits, attention, discover_sites, device))
+    figures.update(discovery(host_layer, dits, discover_sites, device))
 
     model = dits.build_dit("flux", seed=0, full_size=True, **APPLY_SHAPE)
     registry = host.nodes.NODE_CLASS_MAPPINGS

@@ -57,6 +57,22 @@ class PeakRss:
         self.extra_mb = (self.peak - self.start) / 2 ** 20
 
 
+def full_eigh_gains(sites: dict, key_patches: dict, device, count: int) -> dict:
+    """The naive baseline discovery is timed against: per site ({path: AttentionSite}), the whitened J formed and a
+    full eigendecomposition of J^T J; the top ``count`` gains."""
+    import torch
+    from semantic_directions.directions import attention
+    gains = {}
+    for path, site in sites.items():
+        weights = site.read(key_patches, device)
+        with torch.no_grad():
+            apply, _ = attention.shift_operator(weights, "whitened")
+            jacobian = apply(torch.eye(weights.width, device=device))
+            eigenvalues = torch.linalg.eigh(jacobian.T @ jacobian).eigenvalues
+        gains[path] = eigenvalues.flip(0)[:count].clamp(min=0).sqrt().cpu()
+    return gains
+
+
 def report(figures: dict, as_json: bool):
     print(json.dumps(figures) if as_json else "\n".join(f"{k}: {v}" for k, v in figures.items()))
 

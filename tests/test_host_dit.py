@@ -476,7 +476,8 @@ def test_ddim_invert_round_trip_on_flux(flux_kit, host):
 
 
 def test_unet_only_nodes_refuse_flux_by_name(flux_kit, host):
-    """Directions from samples, pairs and images and h-space need a UNet: on Flux-like models each says so in a line."""
+    """Directions from samples, pairs and images and h-space need a UNet: on transformer models each says so in a
+    line."""
     registry = host.nodes.NODE_CLASS_MAPPINGS
     model, latent = flux_kit.model, {"samples": torch.zeros(2, *flux_kit.latent_shape)}
     name = type(model.model).__name__
@@ -485,6 +486,10 @@ def test_unet_only_nodes_refuse_flux_by_name(flux_kit, host):
             model, text(1), text(2), latent, 0, "enable", 2, 1.0, "euler", "simple", "all", 0.0, 1.0, 2),
         "image": lambda: registry["DirectionsFromImage"]().directions(
             model, text(1), text(2), {"samples": latent["samples"][:1]}, 0, 0.3, 1.0, "all", 2),
+        "prompt pair": lambda: registry["DirectionFromPromptPair"]().direction(
+            model, text(1), text(3), text(2), latent, 0, "enable", 2, 1.0, "euler", "simple", "all", 0.0, 1.0, "a", "b"),
+        "example pair": lambda: registry["DirectionFromExamplePair"]().direction(
+            model, text(1), text(2), latent, latent, 0, "enable", 2, 1.0, "euler", "simple", "all", 0.0, 1.0, "a", "b"),
     }
     for call in calls.values():
         with pytest.raises(ValueError, match=f"^model: no UNet self-attention layers found in this {name} model; "

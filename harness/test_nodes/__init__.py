@@ -9,7 +9,7 @@ import torch
 from world.model import empty_context, load_patcher, pixel_vae
 
 from .dits import FAMILIES as DIT_FAMILIES
-from .dits import build_dit, build_flux_clip, build_flux_vae
+from .dits import build_dit, build_flux_clip
 from .unets import FAMILIES, build_clip, build_unet, build_vae, with_gaussian_prior
 
 
@@ -46,7 +46,7 @@ class TinyVAELoader:
                 "optional": {"latent_channels": ([4, 16], {"default": 4})}}
 
     def load(self, seed, latent_channels=4):
-        return (build_vae(seed) if latent_channels == 4 else build_flux_vae(seed),)
+        return (build_vae(seed, latent_channels),)
 
 
 class TinyDiTLoader:

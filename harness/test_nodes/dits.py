@@ -11,7 +11,7 @@ import comfy.model_patcher
 import comfy.sd
 import comfy.supported_models
 
-from .unets import seeded_weights
+from .unets import TextEncoderParts, seeded_weights
 
 FLUX_DIT = {  # Flux.1 dev as the host detects it (comfy/model_detection.py)
     "image_model": "flux", "in_channels": 16, "out_channels": 16, "vec_in_dim": 768, "context_in_dim": 4096,
@@ -74,27 +74,12 @@ TINY_FLUX_TEXT = {  # CLIP-L's pooled vector feeds vec_in (16 wide), T5's tokens
 }
 
 
-class _TextEncoder:
-    """What comfy.sd.CLIP builds from: a text encoder class and its tokenizer."""
-
-    def __init__(self, clip, tokenizer):
-        self.params, self.clip, self.tokenizer = {}, clip, tokenizer
-
-
 def build_flux_clip(seed=0) -> comfy.sd.CLIP:
     """Flux's text encoders (CLIP-L and T5-XXL, the real tokenizers) at the tiny Flux's widths, seeded weights, as
     DualCLIPLoader's type 'flux' builds them."""
     import comfy.text_encoders.flux
-    clip = comfy.sd.CLIP(_TextEncoder(comfy.text_encoders.flux.flux_clip(), comfy.text_encoders.flux.FluxTokenizer),
+    clip = comfy.sd.CLIP(TextEncoderParts(comfy.text_encoders.flux.flux_clip(), comfy.text_encoders.flux.FluxTokenizer),
                          model_options=TINY_FLUX_TEXT)
     clip.cond_stage_model.load_state_dict(seeded_weights(clip.cond_stage_model, seed, torch.float32), strict=False)
     return clip
 
-
-def build_flux_vae(seed=0) -> comfy.sd.VAE:
-    """A TAESD-architecture VAE with Flux's 16 latent channels (taef1's shape), seeded weights, loaded by the host."""
-    import comfy.taesd.taesd
-    template = comfy.taesd.taesd.TAESD(latent_channels=16)
-    weights = seeded_weights(template, seed, torch.float32)
-    weights.update(vae_scale=torch.tensor(1.0), vae_shift=torch.tensor(0.0))
-    return comfy.sd.VAE(sd=weights)

@@ -82,9 +82,10 @@ def seeded_weights(module: torch.nn.Module, seed: int, dtype) -> dict:
     return weights
 
 
-def build_vae(seed=0) -> comfy.sd.VAE:
-    """A TAESD-architecture VAE (4 latent channels, 8x downscale) with seeded weights, loaded by the host."""
-    template = comfy.taesd.taesd.TAESD(latent_channels=4)
+def build_vae(seed=0, latent_channels=4) -> comfy.sd.VAE:
+    """A TAESD-architecture VAE (4 latent channels, or Flux's and SD3's 16 as taef1; 8x downscale) with seeded
+    weights, loaded by the host."""
+    template = comfy.taesd.taesd.TAESD(latent_channels=latent_channels)
     weights = seeded_weights(template, seed, torch.float32)
     weights.update(vae_scale=torch.tensor(1.0), vae_shift=torch.tensor(0.0))
     return comfy.sd.VAE(sd=weights)
@@ -136,7 +137,7 @@ TINY_CLIP = {
 }
 
 
-class _TextEncoder:
+class TextEncoderParts:
     """What comfy.sd.CLIP builds from: a family's text encoder class and tokenizer (the real vocabularies)."""
 
     def __init__(self, clip, tokenizer):
@@ -151,7 +152,7 @@ def build_clip(family="sd15", seed=0, full_size=False, dtype=torch.float32) -> c
     """
     clip_class, tokenizer, configs = TINY_CLIP[family]
     options = {"dtype": dtype} if full_size else {**configs, "dtype": dtype}
-    clip = comfy.sd.CLIP(_TextEncoder(clip_class, tokenizer), model_options=options)
+    clip = comfy.sd.CLIP(TextEncoderParts(clip_class, tokenizer), model_options=options)
     model = clip.cond_stage_model
     model.load_state_dict(seeded_weights(model, seed, dtype), strict=False)
     return clip
