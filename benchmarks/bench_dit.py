@@ -38,7 +38,7 @@ def full_size_sites(host_layer, dits, device):
     sites, blocks = host_layer.attention_sites(patcher), host_layer.dit.sites(patcher)
     generator, key_patches = torch.Generator().manual_seed(0), {}
     for block in blocks.values():
-        for path in (block.linear, block.out):
+        for path in (*(linear for linear, _ in block.linears), block.out):
             module = model.diffusion_model.get_submodule(path)
             shape = module.weight.shape
             key_patches[f"diffusion_model.{path}.weight"] = [(
@@ -60,9 +60,10 @@ def families_covered(host, dits) -> list:
     covered = []
     for family in dits.FAMILIES:
         model = dits.build_dit(family, seed=1)
-        channels = model.get_model_object("latent_format").latent_channels
-        patch = model.model.diffusion_model.patch_size
-        latent = torch.randn(1, channels, 4 * patch, 4 * patch, generator=torch.Generator().manual_seed(2))
+        latent_format, patch = model.get_model_object("latent_format"), model.model.diffusion_model.patch_size
+        frames = (1,) if getattr(latent_format, "latent_dimensions", 2) == 3 else ()  # Qwen-Image's video latents
+        latent = torch.randn(1, latent_format.latent_channels, *frames, 4 * patch, 4 * patch,
+                             generator=torch.Generator().manual_seed(2))
         conditioning = [[torch.randn(1, 5, 32, generator=torch.Generator().manual_seed(3)),
                          {"pooled_output": torch.zeros(1, 16)}]]
         directions = registry["DiscoverAttentionEigendirections"]().discover(model, "all", 2, "whitened", 1.0)[0]

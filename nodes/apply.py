@@ -73,7 +73,7 @@ class DitShift:
     def __init__(self, patch: _Patch, path: str, site):
         self.patch, self.path, self.site = patch, path, site
 
-    def __call__(self, call, x, out, image_of):
+    def __call__(self, call, x, out, image_of, rows):
         options = call.options
         if options.get(host.UNEDITED) == "all" or not host.has_batch_keys(options, grid=False):
             return out
@@ -82,8 +82,8 @@ class DitShift:
                                                     self.patch.rows(options, x.shape[0]))
         if coefficients is None:
             return out
-        moved = image_of(self.patch.edit.vector(self.path, x))[:self.site.qkv_rows]
-        out[:, tokens, :self.site.qkv_rows].addcmul_(coefficients[..., None], moved)  # the linear's own fresh output
+        moved = image_of(self.patch.edit.vector(self.path, x))[:rows]
+        out[:, tokens, :rows].addcmul_(coefficients[..., None], moved)  # the linear's own fresh output
         return out
 
 

@@ -21,7 +21,7 @@ _results = weakref.WeakKeyDictionary()
 class DiscoverAttentionEigendirections:
     DESCRIPTION = (
         "Finds editing directions from the weights of the model's self-attention layers alone (a UNet's attn1 "
-        "layers, a Flux or SD3 transformer's image attention): no images, no training. For each layer, the unit shifts "
+        "layers, a Flux, SD3 or Qwen-Image transformer's image attention): no images, no training. For each layer, the unit shifts "
         "of its input that move its output "
         "most (top right singular vectors of the layer's combined query-key-value matrix), strongest "
         "first, with their gains. LoRAs on the MODEL are taken into account; weights are never changed. "
@@ -38,7 +38,8 @@ class DiscoverAttentionEigendirections:
         return {"required": {
             "model": ("MODEL", {"tooltip": "The model to analyse; a LoRA'd model gives the LoRA'd directions."}),
             "layers": ("STRING", {"default": "all", "tooltip":
-                       "all; input, middle or output (UNets); double or single (Flux); joint (SD3); or "
+                       "all; input, middle or output (UNets); double or single (Flux); joint (SD3); transformer "
+                       "(Qwen-Image); or "
                        "comma-separated layer "
                        "paths or prefixes, e.g. 'input_blocks.7, middle_block' or 'double_blocks.3'."}),
             "count": ("INT", {"default": 10, "min": 1, "max": 1280, "tooltip": "Directions per layer."}),

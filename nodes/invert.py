@@ -130,6 +130,7 @@ class DDIMInvert:
         samples = latent["samples"]
         host.check_invertible(model)
         host.check_latent_fits(model, samples, "latent")
+        samples = host.model_latent(model, samples)
         if samples.shape[0] == 0:
             raise ValueError("latent: the batch is empty")
         finite_tensor("latent", samples, "latent's values")
@@ -181,11 +182,11 @@ class InvertedNoise:
     """
 
     def __init__(self, model, inverted, sigma: float):
-        self.seed, self.model, self.sigma = 0, model.model, sigma
+        self.seed, self.patcher, self.model, self.sigma = 0, model, model.model, sigma
         self.start = self.model.process_latent_in(inverted)
 
     def generate_noise(self, input_latent):
-        latent = input_latent["samples"]
+        latent = host.model_latent(self.patcher, input_latent["samples"])
         if latent.shape != self.start.shape:
             raise ValueError(f"noise: the sampler's latent has shape {list(latent.shape)} but the inverted noise "
                              f"{list(self.start.shape)}; give it a latent of the inverted image's size")

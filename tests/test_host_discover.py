@@ -192,7 +192,7 @@ def unet_without_attention():
 
 @pytest.mark.parametrize("build, message", [
     (unet_without_attention, "model: no self-attention layers found in this SD15 model; the pack supports SD1.x, "
-                             "SD2.x, SDXL .*; Flux, Flux.2, Chroma and SD3 "),
+                             "SD2.x, SDXL .*; Flux, Flux.2, Chroma, SD3 and Qwen-Image \\(not other models yet\\)"),
     (sd3_with_layer_norms, "model: its attention normalises queries and keys with LayerNorm, which the pack's "
                            "attention math does not cover"),
 ])

@@ -252,10 +252,11 @@ class FluxKit:
         self.apply_node = registry["ApplyDirection"]()
         self.model = self.build(seed=5)
         self.sites = SITES[family]
-        self.qkv_rows = 3 * self.model.model.diffusion_model.get_submodule(self.sites[0][1]).weight.shape[1]
-        patch = self.model.model.diffusion_model.patch_size
-        self.latent_shape = (self.model.get_model_object("latent_format").latent_channels, patch * GRID[0],
-                             patch * GRID[1])
+        linears = {path: rows for site in host_layer().dit.sites(self.model).values() for path, rows in site.linears}
+        self.rows = {linear: linears[linear] for _, linear, _ in self.sites}  # the rows each tested linear moves
+        patch, latent_format = self.model.model.diffusion_model.patch_size, self.model.get_model_object("latent_format")
+        frames = (1,) if getattr(latent_format, "latent_dimensions", 2) == 3 else ()  # Qwen-Image's video latents
+        self.latent_shape = (latent_format.latent_channels, *frames, patch * GRID[0], patch * GRID[1])
         discover = registry["DiscoverAttentionEigendirections"]()
         self.directions = discover.discover(self.model, "all", 2, "whitened", 1.0)[0]
 
@@ -283,10 +284,12 @@ FLUX_SITES = [("double_blocks.1.img_attn", "double_blocks.1.img_attn.qkv", False
 # (site, its linear, whether the linear's input is joint: text tokens first) for each family's tests
 SITES = {"flux": FLUX_SITES, "flux2": FLUX_SITES, "chroma": FLUX_SITES,
          "sd3": [("joint_blocks.1.x_block.attn", "joint_blocks.1.x_block.attn.qkv", False),
-                 ("joint_blocks.0.x_block.attn2", "joint_blocks.0.x_block.attn2.qkv", False)]}
+                 ("joint_blocks.0.x_block.attn2", "joint_blocks.0.x_block.attn2.qkv", False)],
+         "qwen": [("transformer_blocks.1.attn", "transformer_blocks.1.attn.to_k", False),
+                  ("transformer_blocks.0.attn", "transformer_blocks.0.attn.to_v", False)]}
 
 
-@pytest.fixture(scope="module", params=["flux", "flux2", "chroma", "sd3"])
+@pytest.fixture(scope="module", params=["flux", "flux2", "chroma", "sd3", "qwen"])
 def flux_kit(host, request):
     return FluxKit(host, request.param)
 
@@ -323,7 +326,7 @@ class Recording:
 def recorded(patcher, path):
     """(a clone of ``patcher`` that records the module at ``path``, its list of calls, the host's module)."""
     import comfy.patcher_extension
-    site = next(s for s in host_layer().dit.sites(patcher).values() if s.linear == path)
+    site = next(s for s in host_layer().dit.sites(patcher).values() if path in dict(s.linears))
     recording, clone = Recording(path, site.call_wrapper), patcher.clone()
     level = {"apply_model": comfy.patcher_extension.WrappersMP.APPLY_MODEL,
              "diffusion_model": comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL}[site.call_wrapper]
@@ -355,7 +358,7 @@ def test_apply_moves_the_attention_input_on_edited_steps_only(flux_kit, which):
     sampling = flux_kit.model.get_model_object("model_sampling")
     low, high = sampling.percent_to_sigma(0.7), sampling.percent_to_sigma(0.3)
     direction = flux_kit.directions.sites[site].vectors[0].double()
-    weight, qkv_rows = module.weight.detach().double(), flux_kit.qkv_rows
+    weight, qkv_rows = module.weight.detach().double(), flux_kit.rows[linear]
     edited = 0
     for (x, out), sigma in zip(calls, flux_kit.sigmas(steps)[:-1]):
         x, change = x.double(), out.double() - linear_of(module, x)
@@ -380,7 +383,7 @@ def test_alpha_zero_is_bit_identical_and_weights_never_change(flux_kit):
     edited = flux_kit.sample(flux_kit.apply(alpha=1.0))
     assert not torch.equal(edited, reference) and torch.isfinite(edited).all()
     first, second = (site for site, _, _ in flux_kit.sites)
-    chained = flux_kit.sample(flux_kit.apply(flux_kit.apply(layer=first, alpha=1.0), layer=second, alpha=1.0))
+    chained = flux_kit.sample(flux_kit.apply(flux_kit.apply(layer=first, alpha=1.0), layer=second, alpha=-0.5))
     assert not torch.equal(chained, edited)
     assert torch.equal(flux_kit.sample(model), reference)
     assert all(torch.equal(p, before[name]) for name, p in model.model.state_dict().items())
@@ -390,7 +393,7 @@ def test_mask_and_alpha_list_on_the_patch_grid(flux_kit):
     """A mask restricts the shift to the image tokens it covers (resized to the patch grid); alpha_list gives each
     image of the batch its own strength."""
     site, linear, _ = flux_kit.sites[0]
-    mask = torch.zeros(flux_kit.latent_shape[1] * 8, flux_kit.latent_shape[2] * 8)
+    mask = torch.zeros(flux_kit.latent_shape[-2] * 8, flux_kit.latent_shape[-1] * 8)
     mask[:, : mask.shape[1] // 2] = 1  # the left half of the image: the left two of four token columns
     patched, calls, module = recorded(flux_kit.apply(layer=site, alpha=0.0, alpha_list="0.5, -1", mask=mask), linear)
     flux_kit.sample(patched, steps=2, batch=2)
@@ -421,7 +424,7 @@ def test_lora_and_half_precision_flux(flux_kit):
     flux_kit.sample(patched, steps=2)
     direction = flux_kit.directions.sites[site].vectors[0].double()
     x, out = (t.double() for t in calls[0])
-    image, rows = image_tokens(x, joint), flux_kit.qkv_rows
+    image, rows = image_tokens(x, joint), flux_kit.rows[linear]
     rms = x[:, image].pow(2).sum(-1).mean(-1).sqrt()
     expected = x @ weight.T + (0 if module.bias is None else module.bias.detach().double())
     expected[:, image, :rows] += rms[:, None, None] * (weight[:rows] @ direction)
@@ -493,8 +496,8 @@ def test_unet_only_nodes_refuse_flux_by_name(flux_kit, host):
     }
     for call in calls.values():
         with pytest.raises(ValueError, match=f"^model: no UNet self-attention layers found in this {name} model; "
-                                             f"this node supports SD1.x, SD2.x, SDXL .* \\(not Flux, Flux.2, Chroma and "
-                                             f"SD3 yet\\)$"):
+                                             f"this node supports SD1.x, SD2.x, SDXL .* "
+                                             f"{re.escape(f'(not {host_layer().dit.FAMILIES} yet)')}$"):
             call()
     hspace = flux_kit.directions.__class__(sites={"h_space": flux_kit.directions.sites[flux_kit.sites[0][0]]},
                                            method="test", model=flux_kit.directions.model)

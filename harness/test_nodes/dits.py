@@ -40,6 +40,12 @@ TINY_SD3 = {  # two joint blocks of width 128 (2 heads of 64), the first with SD
     "depth": 2, "adm_in_channels": 16, "pos_embed_max_size": 16, "num_patches": 256, "x_block_self_attn_layers": [0],
     "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}},
 }
+QWEN_DIT = {  # Qwen-Image as the host builds it: 60 blocks of 24 heads of 128, Qwen2.5-VL's 3584-wide tokens
+    "image_model": "qwen_image", "patch_size": 2, "in_channels": 64, "out_channels": 16, "num_layers": 60,
+    "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 3584, "axes_dims_rope": (16, 56, 56),
+}
+TINY_QWEN = {"num_layers": 2, "attention_head_dim": 16, "num_attention_heads": 2, "joint_attention_dim": 32,
+             "axes_dims_rope": (4, 6, 6)}
 TINY = {"hidden_size": 32, "num_heads": 2, "axes_dim": [4, 6, 6], "depth": 2, "depth_single_blocks": 2,
         "context_in_dim": 32, "mlp_ratio": 2.0}
 FAMILIES = {
@@ -47,11 +53,12 @@ FAMILIES = {
     "flux2": (comfy.supported_models.Flux2, FLUX2_DIT, {**TINY, "axes_dim": [4, 4, 4, 4]}),
     "chroma": (comfy.supported_models.Chroma, CHROMA_DIT, {**TINY, "out_dim": 32, "hidden_dim": 32, "n_layers": 2}),
     "sd3": (comfy.supported_models.SD3, SD35_DIT, TINY_SD3),
+    "qwen": (comfy.supported_models.QwenImage, QWEN_DIT, TINY_QWEN),
 }
 
 
 def build_dit(family="flux", seed=0, dtype=torch.float32, full_size=False, **overrides):
-    """A ModelPatcher around the host's model of ``family`` (flux, flux2, chroma, sd3), weights drawn from ``seed``;
+    """A ModelPatcher around the host's model of ``family`` (flux, flux2, chroma, sd3, qwen), weights drawn from ``seed``;
     ``overrides`` change the config. Tiny models keep the family's latent channels and patch size."""
     config_class, full, tiny = FAMILIES[family]
     model_config = config_class({**full, **({} if full_size else tiny), **overrides})

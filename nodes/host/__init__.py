@@ -82,7 +82,7 @@ def attention_sites(patcher) -> dict:
                                     dit.read_weights(key_patches, site, device, read_weight))
                 for path, site in blocks.items()}
     raise ValueError(f"model: no self-attention layers found in this {family(patcher)} model; the pack supports "
-                     f"{SUPPORTED_FAMILIES} (not Qwen-Image or other models yet)")
+                     f"{SUPPORTED_FAMILIES} (not other models yet)")
 
 
 def site_widths(patcher) -> dict:
@@ -276,12 +276,20 @@ def check_invertible(patcher) -> None:
                          f"no noise to invert to; use a text-to-image model")
 
 
+def model_latent(patcher, samples: torch.Tensor) -> torch.Tensor:
+    """The latent as the model takes it: an image latent [B, C, H, W] on a model of video latents (Qwen-Image's,
+    Wan's) gains its frame axis, as the host's samplers add it (comfy.sample.fix_empty_latent_channels)."""
+    dims = getattr(patcher.get_model_object("latent_format"), "latent_dimensions", 2)
+    return samples.unsqueeze(2) if dims == 3 and samples.ndim == 4 else samples
+
+
 def check_latent_fits(patcher, samples: torch.Tensor, name: str) -> None:
-    """The latent's layout and channels must be the model's (image models: [batch, channels, H, W])."""
+    """The latent's layout and channels must be the model's (image models: [batch, channels, H, W]; models of
+    video latents also take an image latent, as the host's samplers do)."""
     latent_format = patcher.get_model_object("latent_format")
     dims, channels = getattr(latent_format, "latent_dimensions", 2), latent_format.latent_channels
     expected = "[batch, channels, frames, height, width]" if dims == 3 else "[batch, channels, height, width]"
-    if samples.ndim != dims + 2:
+    if samples.ndim != dims + 2 and not (dims == 3 and samples.ndim == 4):
         raise ValueError(f"{name}: this {family(patcher)} model takes {dims + 2}-D latents {expected}, got shape "
                          f"{list(samples.shape)}" + ("; video latents need a video model" if samples.ndim > 4 else ""))
     if samples.shape[1] != channels:

@@ -13,6 +13,10 @@ attention, 'joint_blocks.5.x_block.attn', takes q, k and v from ``attn.qkv`` (im
 and gives its output to ``attn.proj``, with RMS-norm of q and k (SD3.5) or none (SD3) and no
 rotary positions; SD3.5 Medium's blocks add a second image-only attention, '...x_block.attn2'.
 
+Qwen-Image (comfy/ldm/qwen_image) has one kind of block, 'transformer_blocks.7.attn': q, k and v from
+separate ``attn.to_q``, ``to_k``, ``to_v`` (image tokens only), out ``attn.to_out.0``, RMS-normed q and k
+and rotary positions.
+
 A site's tokens are the image tokens of the linear's input (the block's modulated norm output).
 Apply Direction moves them by changing only the q, k and v rows of that linear's output, which is
 exact (the map is linear) and leaves the MLP and the text tokens untouched.
@@ -25,16 +29,17 @@ import comfy.patcher_extension
 
 from ...directions.attention import AttentionWeights
 
-FAMILIES = "Flux, Flux.2, Chroma and SD3"
-GROUPS = {"double": "double_blocks", "single": "single_blocks", "joint": "joint_blocks"}
+FAMILIES = "Flux, Flux.2, Chroma, SD3 and Qwen-Image"
+GROUPS = {"double": "double_blocks", "single": "single_blocks", "joint": "joint_blocks",
+          "transformer": "transformer_blocks"}
 WRAPPER_KEY = "semantic_directions"
 
 
 @dataclass(frozen=True)
 class DitSite:
-    """Where one site's weights live (paths under the diffusion model) and how its linear's input is laid out."""
-    linear: str  # the linear fed the attention input
-    qkv_rows: int  # its first rows are q, k and v (3 x inner)
+    """Where one site's weights live (paths under the diffusion model) and how its linears' input is laid out."""
+    linears: tuple  # ((path, rows), ...): the linears fed the attention input, and how many of their first output
+    # rows are q, k and v: one fused linear ((qkv, 3 x inner),) or three ((to_q, inner), (to_k, ...), (to_v, ...))
     out: str  # the output projection
     out_columns: int  # its first columns take the attention output
     q_norm: str | None  # the gains of the queries' RMS norm, if any
@@ -55,7 +60,7 @@ def sites(patcher) -> dict:
             continue
         inner, norm = attention.proj.weight.shape[1], f"double_blocks.{i}.img_attn.norm"
         found[f"double_blocks.{i}.img_attn"] = DitSite(
-            f"double_blocks.{i}.img_attn.qkv", 3 * inner, f"double_blocks.{i}.img_attn.proj", inner,
+            ((f"double_blocks.{i}.img_attn.qkv", 3 * inner),), f"double_blocks.{i}.img_attn.proj", inner,
             f"{norm}.query_norm.scale", f"{norm}.key_norm.scale", block.num_heads, attention.qkv.weight.shape[1],
             joint=False)
     for i, block in enumerate(getattr(model, "single_blocks", None) or []):
@@ -63,7 +68,7 @@ def sites(patcher) -> dict:
             continue
         norm = f"single_blocks.{i}.norm"
         found[f"single_blocks.{i}.attn"] = DitSite(
-            f"single_blocks.{i}.linear1", 3 * block.hidden_size, f"single_blocks.{i}.linear2", block.hidden_size,
+            ((f"single_blocks.{i}.linear1", 3 * block.hidden_size),), f"single_blocks.{i}.linear2", block.hidden_size,
             f"{norm}.query_norm.scale", f"{norm}.key_norm.scale", block.num_heads, block.linear1.weight.shape[1],
             joint=True)
     for i, block in enumerate(getattr(model, "joint_blocks", None) or []):
@@ -74,9 +79,18 @@ def sites(patcher) -> dict:
             path = f"joint_blocks.{i}.x_block.{name}"
             norms = [f"{path}.{norm}.weight" if _rms_norm(getattr(attention, norm)) else None
                      for norm in ("ln_q", "ln_k")]
-            found[path] = DitSite(f"{path}.qkv", attention.qkv.weight.shape[0], f"{path}.proj",
+            found[path] = DitSite(((f"{path}.qkv", attention.qkv.weight.shape[0]),), f"{path}.proj",
                                   attention.proj.weight.shape[1], *norms, attention.num_heads,
                                   attention.qkv.weight.shape[1], joint=False, call_wrapper="apply_model")
+    for i, block in enumerate(getattr(model, "transformer_blocks", None) or []):
+        attention = getattr(block, "attn", None)
+        if not all(hasattr(attention, name) for name in ("to_q", "to_k", "to_v", "to_out", "norm_q", "add_q_proj")):
+            continue
+        path = f"transformer_blocks.{i}.attn"
+        found[path] = DitSite(tuple((f"{path}.{name}", getattr(attention, name).weight.shape[0])
+                                    for name in ("to_q", "to_k", "to_v")), f"{path}.to_out.0",
+                              attention.to_out[0].weight.shape[1], f"{path}.norm_q.weight", f"{path}.norm_k.weight",
+                              attention.heads, attention.to_q.weight.shape[1], joint=False)
     return found
 
 
@@ -96,11 +110,13 @@ def read_weights(key_patches: dict, site: DitSite, device, read_weight) -> Atten
     def weight(key, rows=None, columns=None):
         key = f"diffusion_model.{key}"
         return read_weight(key_patches, key, device, rows, columns) if key in key_patches else None
-    qkv = weight(f"{site.linear}.weight", rows=site.qkv_rows)
+    def parts(name):  # q, k and v rows of the fused linear, or of the three
+        found = [weight(f"{path}.{name}", rows=rows) for path, rows in site.linears]
+        if found[0] is None:
+            return None, None, None
+        return found[0].chunk(3) if len(found) == 1 else found
+    (q, k, v), biases = parts("weight"), parts("bias")
     out = weight(f"{site.out}.weight", columns=site.out_columns)
-    bias = weight(f"{site.linear}.bias", rows=site.qkv_rows)
-    q, k, v = qkv.chunk(3)
-    biases = (None, None, None) if bias is None else bias.chunk(3)
     return AttentionWeights(q, k, v, out, heads=site.heads, q_norm=site.q_norm and weight(site.q_norm),
                             k_norm=site.k_norm and weight(site.k_norm), q_bias=biases[0], k_bias=biases[1],
                             v_bias=biases[2])
@@ -116,7 +132,7 @@ class ModelCall:
 
 class ShiftsDuringCalls:
     """A model-call wrapper that, for the duration of each call, hooks the sites' linears so their outputs also get
-    ``shift(call, x, out, image_of)``'s change, and removes the hooks when the call ends.
+    ``shift(call, x, out, image_of, rows)``'s change, and removes the hooks when the call ends.
 
     Only a clone carrying this wrapper ever runs with the hooks, weights are never touched (the host still loads,
     casts and LoRA-patches them as usual), and chained edits nest. ``image_of(vector)`` is the linear's image of a
@@ -141,8 +157,8 @@ class ShiftsDuringCalls:
         patch = model.patch_size if isinstance(model.patch_size, int) else model.patch_size[-1]
         call = ModelCall(options or {}, tuple(-(-size // patch) for size in x.shape[-2:]),
                          context.shape[1] if context is not None else 0)
-        handles = [model.get_submodule(site.linear).register_forward_hook(_OutputShift(call, shift))
-                   for site, shift in self.shifts]
+        handles = [model.get_submodule(path).register_forward_hook(_OutputShift(call, shift, rows))
+                   for site, shift in self.shifts for path, rows in site.linears]
         try:
             return executor(x, *args, **kwargs)
         finally:
@@ -160,10 +176,11 @@ def _argument(args, kwargs, index, name):
 
 
 class _OutputShift:
-    """One linear's forward hook for one call; the linear's own calls made to map a vector pass through."""
+    """One linear's forward hook for one call; the linear's own calls made to map a vector pass through. ``rows``:
+    how many of its first output rows the shift moves."""
 
-    def __init__(self, call: ModelCall, shift):
-        self.call, self.shift, self.mapping = call, shift, False
+    def __init__(self, call: ModelCall, shift, rows: int):
+        self.call, self.shift, self.rows, self.mapping = call, shift, rows, False
 
     def __call__(self, module, args, out):
         if self.mapping:
@@ -177,7 +194,7 @@ class _OutputShift:
             finally:
                 self.mapping = False
             return mapped[0] - mapped[1]
-        return self.shift(self.call, x, out, image_of)
+        return self.shift(self.call, x, out, image_of, self.rows)
 
 
 def add_shifts(patcher, shifts: list) -> None:
