@@ -10,7 +10,7 @@ import comfy.samplers
 import comfy.utils
 
 from ..directions.apply import image_scales
-from ..directions.directionset import ATTN1, HSPACE, DirectionSet, SiteDirections, site_kind
+from ..directions.directionset import ATTN1, DIT, HSPACE, DirectionSet, SiteDirections, site_kind
 from ..directions.jacobian import jacobian_directions
 from . import host
 from .apply import as_mask_batch
@@ -21,8 +21,8 @@ CHUNK = 16  # Jacobian columns per batched model call
 
 
 class TangentShift:
-    """attn1_patch and output_block_patch: add to each image row of the batch a zero shift at the site, in
-    Apply Direction's units (the image's RMS token norm, averaged over its rows), whose forward-mode tangent
+    """attn1_patch, output_block_patch and a transformer site's hook: add to each image row of the batch a zero
+    shift at the site, in Apply Direction's units (the image's RMS token norm, averaged over its rows), whose forward-mode tangent
     is that image's basis vector; the model's output tangent is then J times it."""
 
     def __init__(self, site: str):
@@ -42,6 +42,22 @@ class TangentShift:
             return h, hsp
         tokens = self.shifted(rearrange(h, "b c h w -> b (h w) c"), transformer_options)
         return rearrange(tokens, "b (h w) c -> b c h w", h=h.shape[-2]), hsp
+
+    def transformer_input(self, site):
+        """A transformer site's hook: the same zero shift, carried into the q, k and v rows of its linear's output
+        through the linear's own image of the tangent (tokens other than the latent's image tokens stay)."""
+        def shift(call, x, out, image_of, rows):
+            if not host.has_batch_keys(call.options, grid=False):
+                return out
+            tokens = host.dit.image_token_range(site, call)
+            batch = host.batch_rows(call.options, x.shape[0], host.PASSES["both"])
+            scale = image_scales(x[:, tokens], batch).to(x.dtype)
+            tangents = self.tangents.to(x.device, x.dtype)[batch.image.to(x.device)]
+            moved = image_of(forward_ad.make_dual(torch.zeros_like(tangents), tangents) * scale[:, None])[:, :rows]
+            count = tokens.stop - tokens.start
+            return out + F.pad(moved[:, None, :].expand(-1, count, -1),
+                               (0, out.shape[-1] - rows, tokens.start, out.shape[1] - tokens.stop))
+        return shift
 
     def shifted(self, tokens, options):
         rows = host.batch_rows(options, tokens.shape[0], host.PASSES["both"])
@@ -126,7 +142,9 @@ class DirectionsFromImage:
         finite("cfg", cfg)
         samples = latent["samples"][:1]
         sites = host.select_layers(host.site_paths(model), site, input_name="site")
-        widths = {**host.site_widths(model), HSPACE: host.hspace_width(model)}
+        widths = host.site_widths(model)
+        if HSPACE in sites:
+            widths[HSPACE] = host.hspace_width(model)
         weights = None if mask is None else latent_weights(as_mask_batch(mask)[:1], samples.shape)
         if weights is not None and not weights.any():
             raise ValueError("mask: it is empty at the latent's resolution; paint the region the edit should change")
@@ -140,6 +158,9 @@ class DirectionsFromImage:
             patched = model.clone()
             if site_kind(name) == ATTN1:
                 patched.set_model_attn1_patch(patch.attention_input)
+            elif site_kind(name) == DIT:
+                block = host.dit.sites(model)[name]
+                host.dit.add_shifts(patched, [(block, patch.transformer_input(block))])
             else:
                 patched.set_model_output_block_patch(patch.middle_output)
             run = JacobianRun(patch, widths[name], progress)

@@ -8,12 +8,13 @@ import comfy.utils
 
 from ..directions.activations import mean_difference, principal_directions
 from ..directions.apply import rms_token_norm
-from ..directions.directionset import ATTN1, HSPACE, DirectionSet, SiteDirections, site_kind
+from ..directions.directionset import ATTN1, DIT, HSPACE, DirectionSet, SiteDirections, site_kind
 from . import host
 from .common import CATEGORY, DIRECTIONS, finite, finite_tensor
 
 SITE_TOOLTIP = ("Where to record: h_space (the middle block's output), or comma-separated attention layer paths, "
-                "prefixes or groups (input, middle, output, all), as in Apply Direction.")
+                "prefixes or groups (input, middle, output, all; on transformer models double, single, joint, "
+                "transformer), as in Apply Direction.")
 
 
 class SiteRecorder:
@@ -22,6 +23,7 @@ class SiteRecorder:
 
     def __init__(self, sites: list, sigma_start: float, sigma_end: float):
         self.sites_by_block = {host.block_key(s): s for s in sites if site_kind(s) == ATTN1}
+        self.transformer_sites = [s for s in sites if site_kind(s) == DIT]
         self.hspace, self.sigma_start, self.sigma_end = HSPACE in sites, sigma_start, sigma_end
         self.records = {}  # site -> {sigma: {image: (mean token [C] float64, RMS token norm)}}
 
@@ -35,7 +37,19 @@ class SiteRecorder:
             recording.set_model_attn1_patch(self.attention_input)
         if self.hspace:
             recording.set_model_output_block_patch(self.middle_output)
+        if self.transformer_sites:
+            blocks = host.dit.sites(patcher)
+            host.dit.add_shifts(recording, [(host.dit.first_linear(blocks[path]), self.transformer_input(path, blocks[path]))
+                                            for path in self.transformer_sites])
         return recording
+
+    def transformer_input(self, path, site):
+        """A transformer site's hook: records the latent's image tokens of the linear's input, moves nothing."""
+        def record(call, x, out, image_of, rows):
+            if host.has_batch_keys(call.options, grid=False):
+                self.record(path, x[:, host.dit.image_token_range(site, call)], call.options)
+            return out
+        return record
 
     def attention_input(self, n, context_attn1, value_attn1, extra_options):
         site = self.sites_by_block.get(host.attn1_block(extra_options))
@@ -72,7 +86,7 @@ class SiteRecorder:
 
     @property
     def sites(self) -> list:
-        return [*self.sites_by_block.values(), *([HSPACE] if self.hspace else [])]
+        return [*self.sites_by_block.values(), *self.transformer_sites, *([HSPACE] if self.hspace else [])]
 
     def sigmas(self, site: str, images: int) -> set:
         return {s for s, recorded in self.records.get(site, {}).items() if len(recorded) == images}

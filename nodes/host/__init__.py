@@ -155,12 +155,16 @@ def block_key(path: str):
 
 
 def site_paths(patcher) -> list:
-    """Every site a direction can be recorded or applied at: the attn1 layers, then h-space."""
+    """Every site a direction can be recorded or applied at: a UNet's attn1 layers then h-space, or a transformer's
+    image-attention sites."""
     layers = attention_layers(patcher)
-    if not layers:
-        raise ValueError(f"model: no UNet self-attention layers found in this {family(patcher)} model; this node "
-                         f"supports {UNET_FAMILIES} (not {dit.FAMILIES} yet)")
-    return [*layers, HSPACE]
+    if layers:
+        return [*layers, HSPACE]
+    blocks = dit.sites(patcher)
+    if blocks:
+        return list(blocks)
+    raise ValueError(f"model: no self-attention layers found in this {family(patcher)} model; this node supports "
+                     f"{SUPPORTED_FAMILIES}")
 
 
 def sampling_inputs() -> dict:

@@ -21,6 +21,7 @@ A site's tokens are the image tokens of the linear's input (the block's modulate
 Apply Direction moves them by changing only the q, k and v rows of that linear's output, which is
 exact (the map is linear) and leaves the MLP and the text tokens untouched.
 """
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -136,7 +137,8 @@ class ShiftsDuringCalls:
 
     Only a clone carrying this wrapper ever runs with the hooks, weights are never touched (the host still loads,
     casts and LoRA-patches them as usual), and chained edits nest. ``image_of(vector)`` is the linear's image of a
-    vector (the linear on the vector and on zero, differenced), so shifts stay exact under any patching. Flux-like
+    vector, or of a batch of them (the linear on them and on zero, differenced), so shifts stay exact under any
+    patching, and forward-mode tangents pass through. Flux-like
     models call DIFFUSION_MODEL wrappers (which see the text tokens as the blocks do); SD3's model does not, so
     its sites use the APPLY_MODEL wrapper around it (its image streams hold image tokens only).
     """
@@ -187,13 +189,15 @@ class _OutputShift:
             return None
         x = args[0]
 
-        def image_of(vector):
+        def image_of(vectors):  # [C] or [K, C] -> their images under the linear, [rows] or [K, rows]
+            flat = vectors.reshape(-1, vectors.shape[-1]).to(x.dtype)
             self.mapping = True
             try:
-                mapped = module(torch.stack([vector.to(x.dtype), torch.zeros_like(vector, dtype=x.dtype)]))
+                mapped = module(torch.cat([flat, torch.zeros_like(flat[:1])]))
             finally:
                 self.mapping = False
-            return mapped[0] - mapped[1]
+            images = mapped[:-1] - mapped[-1:]
+            return images.reshape(*vectors.shape[:-1], images.shape[-1])
         return self.shift(self.call, x, out, image_of, self.rows)
 
 
@@ -204,6 +208,11 @@ def add_shifts(patcher, shifts: list) -> None:
                    "apply_model": comfy.patcher_extension.WrappersMP.APPLY_MODEL}[level]
         patcher.add_wrapper_with_key(wrapper, WRAPPER_KEY, ShiftsDuringCalls(
             [(site, shift) for site, shift in shifts if site.call_wrapper == level], level))
+
+
+def first_linear(site: DitSite) -> DitSite:
+    """The site with only its first linear hooked: enough to see its input (its q, k and v share it)."""
+    return dataclasses.replace(site, linears=site.linears[:1])
 
 
 def image_token_range(site: DitSite, call: ModelCall) -> slice:
