@@ -600,3 +600,30 @@ def test_reference_image_tokens_stay_untouched(host):
     change = out.double() - linear_of(module, x)
     assert change[:, :tokens].abs().max() > 1e-2
     assert change[:, tokens:].abs().max() <= 1e-5 * out.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn])
+def test_low_precision_transformers_are_dequantized_for_the_math_and_edit(host, dtype):
+    """A Flux stored in bfloat16 or fp8 (computed in float32, as the host runs such checkpoints on a CPU): Discover
+    finds the directions of the stored weights dequantized, the whole linear1 as well as the cut rows; an edit
+    samples to finite values that differ from the unedited ones."""
+    kit = FluxKit(host, "flux")
+    patcher = kit.build(seed=5, dtype=dtype)
+    model = patcher.model.diffusion_model
+    assert model.single_blocks[0].linear1.weight.dtype == dtype
+    node = host.nodes.NODE_CLASS_MAPPINGS["DiscoverAttentionEigendirections"]()
+    dset = node.discover(patcher, "single_blocks.0", 3, "whitened", 1.0)[0]
+    block, hidden = model.single_blocks[0], model.hidden_size
+
+    def dequantized(linear):
+        return torch.nn.Linear(linear.in_features, linear.out_features, dtype=torch.float32).requires_grad_(False)
+    linear1, linear2 = dequantized(block.linear1), dequantized(block.linear2)
+    for float_linear, stored in ((linear1, block.linear1), (linear2, block.linear2)):
+        float_linear.weight.copy_(stored.weight.float())
+        float_linear.bias.copy_(stored.bias.float())
+    norms = (block.norm.query_norm.scale.float(), block.norm.key_norm.scale.float())
+    expected = attention_directions(module_weights(linear1, linear2, norms, 2, 3 * hidden, hidden), 3)
+    # the same function on the same float32 values: rounding-level agreement
+    assert torch.allclose(dset.sites["single_blocks.0.attn"].vectors, expected[0], atol=1e-4)
+    edited = kit.sample(kit.apply_node.apply(patcher, dset, 0, "all", 1.0, 0.0, 1.0, "both")[0], steps=2)
+    assert torch.isfinite(edited).all() and not torch.equal(edited, kit.sample(patcher, steps=2))
