@@ -627,3 +627,27 @@ def test_low_precision_transformers_are_dequantized_for_the_math_and_edit(host, 
     assert torch.allclose(dset.sites["single_blocks.0.attn"].vectors, expected[0], atol=1e-4)
     edited = kit.sample(kit.apply_node.apply(patcher, dset, 0, "all", 1.0, 0.0, 1.0, "both")[0], steps=2)
     assert torch.isfinite(edited).all() and not torch.equal(edited, kit.sample(patcher, steps=2))
+
+
+def test_the_shifts_image_follows_the_weights_it_is_computed_with(host):
+    """The edit keeps a direction's image under a linear between calls; when the weight the host computes with
+    changes (here in place, as a hook schedule patches it), the shift follows."""
+    kit = FluxKit(host, "flux")
+    site, linear, joint = kit.sites[0]
+    model = kit.build(seed=11)
+    patched, calls, module = recorded(kit.apply_node.apply(model, kit.directions, 0, site, 1.0, 0.0, 1.0, "both")[0],
+                                      linear)
+    direction = kit.directions.sites[site].vectors[0].double()
+    for scale in (1.0, 2.0):
+        if scale != 1.0:
+            with torch.no_grad():
+                module.weight.mul_(scale)
+        calls.clear()
+        kit.sample(patched, steps=2)
+        x, out = calls[0]
+        image = image_tokens(x, joint)
+        rms = x.double()[:, image].pow(2).sum(-1).mean(-1).sqrt()
+        expected = linear_of(module, x)
+        rows = kit.rows[linear]
+        expected[:, image, :rows] += rms[:, None, None] * (module.weight.double()[:rows] @ direction)
+        assert (out.double() - expected).abs().max() <= 1e-5 * out.abs().max()

@@ -145,6 +145,7 @@ class ShiftsDuringCalls:
 
     def __init__(self, shifts: list, level: str):
         self.shifts, self.level = shifts, level  # [(DitSite, shift)], "diffusion_model" or "apply_model"
+        self.images = {}  # a single vector's image per linear and weight state (see _OutputShift)
 
     def __deepcopy__(self, memo):
         return self
@@ -159,7 +160,7 @@ class ShiftsDuringCalls:
         patch = model.patch_size if isinstance(model.patch_size, int) else model.patch_size[-1]
         call = ModelCall(options or {}, tuple(-(-size // patch) for size in x.shape[-2:]),
                          context.shape[1] if context is not None else 0)
-        handles = [model.get_submodule(path).register_forward_hook(_OutputShift(call, shift, rows))
+        handles = [model.get_submodule(path).register_forward_hook(_OutputShift(call, shift, rows, self.images))
                    for site, shift in self.shifts for path, rows in site.linears]
         try:
             return executor(x, *args, **kwargs)
@@ -179,10 +180,14 @@ def _argument(args, kwargs, index, name):
 
 class _OutputShift:
     """One linear's forward hook for one call; the linear's own calls made to map a vector pass through. ``rows``:
-    how many of its first output rows the shift moves."""
+    how many of its first output rows the shift moves.
 
-    def __init__(self, call: ModelCall, shift, rows: int):
-        self.call, self.shift, self.rows, self.mapping = call, shift, rows, False
+    Mapping a vector reads the whole weight, which on a large linear costs as much as the call's tokens do; a
+    single vector's image is kept in ``images`` for as long as the weight the module computes with is the same:
+    the same tensor, unmodified (its version), with the same on-the-fly patch functions (lowvram LoRAs)."""
+
+    def __init__(self, call: ModelCall, shift, rows: int, images: dict):
+        self.call, self.shift, self.rows, self.images, self.mapping = call, shift, rows, images, False
 
     def __call__(self, module, args, out):
         if self.mapping:
@@ -190,6 +195,19 @@ class _OutputShift:
         x = args[0]
 
         def image_of(vectors):  # [C] or [K, C] -> their images under the linear, [rows] or [K, rows]
+            if vectors.ndim == 1:
+                weight = module.weight
+                key = (id(module), id(weight), weight._version, weight.data_ptr(), id(vectors), vectors._version,
+                       x.dtype, x.device, *map(id, getattr(module, "weight_function", ())),
+                       *map(id, getattr(module, "bias_function", ())))
+                if key not in self.images:
+                    if len(self.images) > 256:  # weights changed many times (hook schedules): keep it small
+                        self.images.clear()
+                    self.images[key] = mapped_images(vectors)
+                return self.images[key]
+            return mapped_images(vectors)
+
+        def mapped_images(vectors):
             flat = vectors.reshape(-1, vectors.shape[-1]).to(x.dtype)
             self.mapping = True
             try:
