@@ -651,3 +651,18 @@ def test_the_shifts_image_follows_the_weights_it_is_computed_with(host):
         rows = kit.rows[linear]
         expected[:, image, :rows] += rms[:, None, None] * (module.weight.double()[:rows] @ direction)
         assert (out.double() - expected).abs().max() <= 1e-5 * out.abs().max()
+
+
+def test_edits_sample_in_inference_mode(host):
+    """The host executes nodes in inference mode: an edit applied and sampled there (its vectors then inference
+    tensors), on a model built outside it and on one built inside it (inference-tensor weights), samples as the
+    same edit does outside."""
+    kit = FluxKit(host, "flux")
+    site = kit.sites[0][0]
+    with torch.inference_mode():
+        inside_model = kit.build(seed=5)
+    outside = kit.sample(kit.apply(alpha=1.0, layer=site))
+    for model in (kit.model, inside_model):
+        with torch.inference_mode():
+            edited = kit.sample(kit.apply_node.apply(model, kit.directions, 0, site, 1.0, 0.0, 1.0, "both")[0])
+        assert torch.allclose(edited, outside, atol=1e-5 * float(outside.abs().max()))

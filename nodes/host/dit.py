@@ -22,6 +22,7 @@ Apply Direction moves them by changing only the q, k and v rows of that linear's
 exact (the map is linear) and leaves the MLP and the text tokens untouched.
 """
 import dataclasses
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -183,8 +184,11 @@ class _OutputShift:
     how many of its first output rows the shift moves.
 
     Mapping a vector reads the whole weight, which on a large linear costs as much as the call's tokens do; a
-    single vector's image is kept in ``images`` for as long as the weight the module computes with is the same:
-    the same tensor, unmodified (its version), with the same on-the-fly patch functions (lowvram LoRAs)."""
+    single vector's image is kept in ``images`` while the weight the module computes with is the same: the same
+    tensor and storage, with the same on-the-fly patch functions (lowvram LoRAs), unmodified: its version, or
+    for an inference tensor (the host loads models in inference mode; it has no version) within one sampling
+    run (the host's ``sample_sigmas`` of the run, held weakly: the host patches weights between runs, in place
+    only then)."""
 
     def __init__(self, call: ModelCall, shift, rows: int, images: dict):
         self.call, self.shift, self.rows, self.images, self.mapping = call, shift, rows, images, False
@@ -195,17 +199,16 @@ class _OutputShift:
         x = args[0]
 
         def image_of(vectors):  # [C] or [K, C] -> their images under the linear, [rows] or [K, rows]
-            if vectors.ndim == 1:
-                weight = module.weight
-                key = (id(module), id(weight), weight._version, weight.data_ptr(), id(vectors), vectors._version,
-                       x.dtype, x.device, *map(id, getattr(module, "weight_function", ())),
-                       *map(id, getattr(module, "bias_function", ())))
-                if key not in self.images:
-                    if len(self.images) > 256:  # weights changed many times (hook schedules): keep it small
-                        self.images.clear()
-                    self.images[key] = mapped_images(vectors)
-                return self.images[key]
-            return mapped_images(vectors)
+            key = self.weight_state(module, vectors, x)
+            if key is None:
+                return mapped_images(vectors)
+            run = self.call.options.get("sample_sigmas")
+            kept = self.images.get(key)
+            if kept is None or (kept[0] is not None and kept[0]() is not run):
+                if len(self.images) > 256:  # weights changed many times (hook schedules): keep it small
+                    self.images.clear()
+                kept = self.images[key] = (None if run is None else weakref.ref(run), mapped_images(vectors))
+            return kept[1]
 
         def mapped_images(vectors):
             flat = vectors.reshape(-1, vectors.shape[-1]).to(x.dtype)
@@ -217,6 +220,16 @@ class _OutputShift:
             images = mapped[:-1] - mapped[-1:]
             return images.reshape(*vectors.shape[:-1], images.shape[-1])
         return self.shift(self.call, x, out, image_of, self.rows)
+
+    def weight_state(self, module, vectors, x):
+        """What a kept image depends on, or None where it cannot be told (a batch of vectors, an inference weight
+        outside a sampling run)."""
+        weight = module.weight
+        if vectors.ndim != 1 or (weight.is_inference() and self.call.options.get("sample_sigmas") is None):
+            return None
+        versions = tuple(None if t.is_inference() else t._version for t in (weight, vectors))
+        return (id(module), id(weight), weight.data_ptr(), *versions, id(vectors), vectors.data_ptr(), x.dtype,
+                x.device, *map(id, getattr(module, "weight_function", ())), *map(id, getattr(module, "bias_function", ())))
 
 
 def add_shifts(patcher, shifts: list) -> None:
