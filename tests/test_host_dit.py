@@ -149,7 +149,7 @@ def test_exact_response_matches_the_hosts_single_block(flux):
 def test_exact_response_matches_the_hosts_sd3_joint_block(host):
     """The same for SD3.5's joint block (the host's _block_mixing): the image stream's attention with RMS-normed q
     and k, no rotary positions, the context block's tokens (their own weights) as unshifted context."""
-    import comfy.ldm.modules.diffusionmodules.mmdit as mmdit
+    from comfy.ldm.modules.diffusionmodules import mmdit
     from harness.test_nodes.dits import build_dit
     model = build_dit("sd3", seed=1).model.diffusion_model
     block = copy.deepcopy(model.joint_blocks[0]).double()
