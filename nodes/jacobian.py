@@ -22,8 +22,8 @@ CHUNK = 16  # Jacobian columns per batched model call
 
 class TangentShift:
     """attn1_patch, output_block_patch and a transformer site's hook: add to each image row of the batch a zero
-    shift at the site, in Apply Direction's units (the image's RMS token norm, averaged over its rows), whose forward-mode tangent
-    is that image's basis vector; the model's output tangent is then J times it."""
+    shift at the site, in Apply Direction's units (the image's RMS token norm, averaged over its rows), whose
+    forward-mode tangent is that image's basis vector; the model's output tangent is then J times it."""
 
     def __init__(self, site: str):
         self.site, self.tangents = site, None
@@ -142,7 +142,7 @@ class DirectionsFromImage:
         finite("cfg", cfg)
         samples = latent["samples"][:1]
         sites = host.select_layers(host.site_paths(model), site, input_name="site")
-        widths = host.site_widths(model)
+        widths, blocks = host.site_widths(model), host.dit.sites(model)
         if HSPACE in sites:
             widths[HSPACE] = host.hspace_width(model)
         weights = None if mask is None else latent_weights(as_mask_batch(mask)[:1], samples.shape)
@@ -159,8 +159,7 @@ class DirectionsFromImage:
             if site_kind(name) == ATTN1:
                 patched.set_model_attn1_patch(patch.attention_input)
             elif site_kind(name) == DIT:
-                block = host.dit.sites(model)[name]
-                host.dit.add_shifts(patched, [(block, patch.transformer_input(block))])
+                host.dit.add_shifts(patched, [(blocks[name], patch.transformer_input(blocks[name]))])
             else:
                 patched.set_model_output_block_patch(patch.middle_output)
             run = JacobianRun(patch, widths[name], progress)
