@@ -183,6 +183,68 @@ def test_exact_response_matches_the_hosts_sd3_joint_block(host):
     assert error <= 1e-4, error
 
 
+def test_exact_response_matches_the_hosts_qwen_image_block(host):
+    """The same for Qwen-Image's block: q, k and v from separate linears (to_q, to_k, to_v) with biases, RMS-normed
+    q and k, rotary positions on the text and image tokens (text first, at positions of their own), the text
+    stream's projections as unshifted context. The pack reads the same weights from the patcher."""
+    from harness.test_nodes.dits import build_dit
+    from semantic_directions.nodes import host as host_layer
+    patcher = build_dit("qwen", seed=1)
+    model = patcher.model.diffusion_model
+    block = copy.deepcopy(model.transformer_blocks[1]).double()
+    attention = block.attn
+    width = attention.to_q.weight.shape[1]
+    generator = torch.Generator().manual_seed(7)
+    img, txt, temb = (torch.randn(*shape, generator=generator, dtype=torch.float64)
+                      for shape in ((1, GRID[0] * GRID[1], width), (1, TEXT, width), (1, width)))
+    rows, columns = torch.meshgrid(torch.arange(GRID[0]), torch.arange(GRID[1]), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(1, -1, 3)
+    txt_ids = torch.arange(2, 2 + TEXT).reshape(1, -1, 1).repeat(1, 1, 3)  # as the host numbers them: past the grid
+    pe = model.pe_embedder(torch.cat([txt_ids, img_ids], dim=1).float()).double()
+    direction = torch.nn.functional.normalize(torch.randn(width, generator=generator, dtype=torch.float64), dim=0)
+    seen = {}
+
+    def shifted(t):
+        def hook(module, args, kwargs):
+            return args, {**kwargs, "hidden_states": kwargs["hidden_states"] + t * direction}
+        return hook
+
+    def run(t):
+        hooks = [attention.register_forward_pre_hook(shifted(t), with_kwargs=True),
+                 attention.to_q.register_forward_hook(record(seen, "tokens")),
+                 attention.add_k_proj.register_forward_hook(record(seen, "text")),
+                 attention.to_out[0].register_forward_hook(record(seen, "out", "output", first=False))]
+        try:
+            block(hidden_states=img.clone(), encoder_hidden_states=txt.clone(), encoder_hidden_states_mask=None,
+                  temb=temb, image_rotary_emb=pe)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return seen["out"][0]
+    measured = finite_difference(run)
+
+    def weights_of(q, k, v, out, norms):
+        return AttentionWeights(q.weight.detach(), k.weight.detach(), v.weight.detach(), out.weight.detach(),
+                                attention.heads, q_norm=norms[0].weight.detach(), k_norm=norms[1].weight.detach(),
+                                q_bias=q.bias.detach(), k_bias=k.bias.detach(), v_bias=v.bias.detach(),
+                                norm_eps=norms[0].eps)
+    image = weights_of(attention.to_q, attention.to_k, attention.to_v, attention.to_out[0],
+                       (attention.norm_q, attention.norm_k))
+    text = weights_of(attention.add_q_proj, attention.add_k_proj, attention.add_v_proj, attention.to_add_out,
+                      (attention.norm_added_q, attention.norm_added_k))
+    rotations = pe[0, 0]
+    context = joint_context(text, seen["text"][0], rotations[:TEXT])
+    predicted = shift_jacobian(seen["tokens"][0], image, rotations[TEXT:], context) @ direction
+    error = (predicted - measured).norm() / measured.norm()
+    print(f"qwen-image block: exact response vs central differences {float(error):.1e}")
+    assert error <= 1e-4, error
+    read = host_layer.attention_sites(patcher)["transformer_blocks.1.attn"].read(
+        patcher.get_key_patches("diffusion_model."), torch.device("cpu"))
+    for name in ("q", "k", "v", "out", "q_norm", "k_norm", "q_bias", "k_bias", "v_bias"):
+        assert torch.equal(getattr(read, name).double(), getattr(image, name)), name
+    assert (read.heads, read.norm_eps) == (image.heads, image.norm_eps)
+
+
 def test_whitened_qk_norm_operator_finds_the_strongest_shifts():
     """With QK-norm, on tokens whose covariance is the identity (no rotary positions, no text), the whitened
     operator's top direction moves the exact per-token responses nearly as much as the best direction can,
