@@ -6,22 +6,31 @@
   patcher's, best of three. The model itself is built on the meta device (12 B parameters do not fit
   this machine), so only the sites' weights exist; flux_full_eigh_s: the baseline on the same weights, side
   by side in the same run: J formed and a full eigendecomposition of J^T J per site (one run).
-- flux_apply_overhead_ratio: time per sampling step with a direction at every site over the unpatched model, on
+- flux_apply_overhead_ratio: time of a sampling run with a direction at every site over the unpatched model's, on
   a Flux-shaped model (Flux.1's blocks at their real width, 3072, and 24 heads, but one double and two single
-  blocks: the ratio is per block) at a 16 x 16 latent (64 image tokens, 64 text tokens), euler, cfg 1; variants
-  alternated five times, each variant's fastest step between step callbacks (this machine's step times vary
-  by a third from step to step; the fastest is the least disturbed).
+  blocks: the ratio is per block) at a 16 x 16 latent (64 image tokens, 64 text tokens), euler, cfg 1, STEPS
+  steps, built and run in inference mode as the host runs nodes (so the hooks map the direction through each
+  linear once per run, and that is counted). The variants run in adjacent pairs, the order alternating; the
+  figure is the median of the pairs' ratios, with a bootstrap 95% interval (flux_apply_overhead_ci95): a
+  step's time on this kind of machine drifts by several percent from minute to minute, which the pairing
+  cancels and a ratio of two separate minima does not. Beside it, the direct measure that noise does not
+  blur: flux_apply_hooks_share, the share of a patched run's time spent in the pack's code (a profile of one
+  run: the model-call wrapper's own time and every hooked linear's output shift, tensor work included), and
+  flux_apply_overhead_ratio_profiled = 1 / (1 - share), the ratio it implies.
 - families: the model families on which Discover, Apply Direction and DDIM Invert each ran in this run
   (tiny models built from the host's classes; tests/test_host_dit.py runs the same on each).
 """
-import itertools
+import cProfile
+import pstats
 import time
 
+import numpy as np
 import torch
 
 from benchmarks.common import PeakRss, arguments, full_eigh_gains, report, start_host, timed
+from benchmarks.measures import bootstrap_resamples, interval
 
-COUNT, REPEATS, STEPS, APPLY_REPEATS = 10, 3, 6, 5
+COUNT, REPEATS, STEPS, APPLY_PAIRS = 10, 3, 6, 12
 APPLY_SHAPE = {"depth": 1, "depth_single_blocks": 2, "context_in_dim": 64, "vec_in_dim": 64}
 APPLY_LATENT = (1, 16, 16, 16)
 
@@ -99,21 +108,11 @@ def discovery(host_layer, dits, discover_sites, device) -> dict:
     return figures
 
 
-def main():
-    args = arguments(__doc__)
-    host = start_host(args.device)
-    import comfy.model_management
+def apply_overhead(host, dits, host_layer) -> dict:
+    """Patched over plain sampling time on the Flux-shaped model, in adjacent pairs of whole runs, and the
+    share of a patched run spent in the pack's hooks."""
     import comfy.sample
     import comfy.samplers
-    from semantic_directions.nodes import host as host_layer
-    from semantic_directions.nodes.discover import discover_sites
-
-    from harness.test_nodes import dits
-    device = comfy.model_management.get_torch_device()
-    figures = {"device": str(device), "threads": torch.get_num_threads(), "count": COUNT, "weights_dtype": "float16"}
-
-    figures.update(discovery(host_layer, dits, discover_sites, device))
-
     model = dits.build_dit("flux", seed=0, full_size=True, **APPLY_SHAPE)
     registry = host.nodes.NODE_CLASS_MAPPINGS
     directions = registry["DiscoverAttentionEigendirections"]().discover(model, "all", 2, "whitened", 1.0)[0]
@@ -124,21 +123,61 @@ def main():
     noise = torch.randn(*APPLY_LATENT, generator=generator)
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", STEPS)
 
-    def per_step(which):
-        stamps = []
+    def seconds(which):
+        start = time.perf_counter()
         comfy.sample.sample_custom(which, noise, 1.0, comfy.samplers.sampler_object("euler"), sigmas, conditioning,
-                                   conditioning, torch.zeros_like(noise), disable_pbar=True, seed=0,
-                                   callback=lambda *a: stamps.append(time.perf_counter()))
-        return min(b - a for a, b in itertools.pairwise(stamps))
-    best = {}
-    variants = [("plain", model), ("patched", patched)]
-    for repeat in range(APPLY_REPEATS):
-        for name, which in variants if repeat % 2 == 0 else variants[::-1]:
-            best[name] = min(best.get(name, float("inf")), per_step(which))
-    figures.update({"apply_model": "Flux.1's blocks at full width (3072, 24 heads): 1 double + 2 single",
-                    "apply_latent": list(APPLY_LATENT), "flux_plain_step_s": round(best["plain"], 4),
-                    "flux_patched_step_s": round(best["patched"], 4),
-                    "flux_apply_overhead_ratio": round(best["patched"] / best["plain"], 4)})
+                                   conditioning, torch.zeros_like(noise), disable_pbar=True, seed=0)
+        return time.perf_counter() - start
+    seconds(model), seconds(patched)  # loading and first-call costs out of the pairs
+    runs = {"plain": [], "patched": []}
+    for pair in range(APPLY_PAIRS):
+        for name in ("plain", "patched") if pair % 2 == 0 else ("patched", "plain"):
+            runs[name].append(seconds(model if name == "plain" else patched))
+    share = hooks_share(seconds, patched, host_layer.dit)
+    ratios = np.asarray(runs["patched"]) / np.asarray(runs["plain"])
+    medians = np.median(ratios[bootstrap_resamples(len(ratios))], axis=1)
+    return {"apply_model": "Flux.1's blocks at full width (3072, 24 heads): 1 double + 2 single",
+            "apply_latent": list(APPLY_LATENT), "apply_steps": STEPS, "apply_pairs": APPLY_PAIRS,
+            "flux_plain_run_s_median": round(float(np.median(runs["plain"])), 3),
+            "flux_patched_run_s_median": round(float(np.median(runs["patched"])), 3),
+            "flux_apply_overhead_ratio": round(float(np.median(ratios)), 4),
+            "flux_apply_overhead_ci95": [round(v, 4) for v in interval(medians)],
+            "flux_apply_pair_ratio_range": [round(float(ratios.min()), 4), round(float(ratios.max()), 4)],
+            "flux_apply_hooks_share": round(share, 5),
+            "flux_apply_overhead_ratio_profiled": round(1 / (1 - share), 4)}
+
+
+def hooks_share(seconds, patched, dit_host) -> float:
+    """The share of one patched run's time spent in the pack's code (cProfile): the wrapper around each model
+    call less the model call it wraps, plus every hooked linear's output shift (its tensor work included)."""
+    import comfy.patcher_extension
+    profiler = cProfile.Profile()
+    total = profiler.runcall(seconds, patched)
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive calls, own, cumulative, callers)}
+
+    def key(function):
+        return function.__code__.co_filename, function.__code__.co_firstlineno, function.__code__.co_name
+    wrapper, shift, executor = (key(f) for f in (dit_host.ShiftsDuringCalls.__call__, dit_host.OutputShift.__call__,
+                                                  comfy.patcher_extension.WrapperExecutor.__call__))
+    wrapped = stats[executor][4][wrapper][3]
+    return (stats[wrapper][3] - wrapped + stats[shift][3]) / total
+
+
+def main():
+    args = arguments(__doc__)
+    host = start_host(args.device)
+    import comfy.model_management
+    from semantic_directions.nodes import host as host_layer
+    from semantic_directions.nodes.discover import discover_sites
+
+    from harness.test_nodes import dits
+    device = comfy.model_management.get_torch_device()
+    figures = {"device": str(device), "threads": torch.get_num_threads(), "count": COUNT, "weights_dtype": "float16"}
+
+    figures.update(discovery(host_layer, dits, discover_sites, device))
+
+    with torch.inference_mode():
+        figures.update(apply_overhead(host, dits, host_layer))
     figures["families"] = families_covered(host, dits)
     report(figures, args.json)
 

@@ -28,7 +28,8 @@ METHODS = ("whitened", "value", "qkv-stack")
 EXACT_SVD_MAX_WIDTH = 256
 OVERSAMPLE = 6  # extra vectors in each Krylov block beyond the directions asked for
 BLOCKS_PER_CHECK = 2  # after the first: each Rayleigh-Ritz check costs about as much as a block's products
-RESIDUAL_TOLERANCE = 5e-3  # Ritz residual over Ritz value: gains within 0.25%
+RESIDUAL_TOLERANCE = 5e-3
+STREAMED_BYTES = 16 * 2 ** 20  # larger weights stream from memory: their transposes are copied (see _shift_operators)  # Ritz residual over Ritz value: gains within 0.25%
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def key_tilts(weights: AttentionWeights, token_variance: float = 1.0) -> torch.T
         return whitening_constant(e, token_variance) * value_key
 
     def expected_rms(weight, bias):
-        power = token_variance * weight.flatten(1).pow(2).sum(1)
+        power = token_variance * torch.linalg.vector_norm(weight.flatten(1), dim=1).square()
         if bias is not None:
             power = power + rearrange(bias.to(weight.dtype), "(h e) -> h e", h=heads).pow(2).sum(1)
         return (power / e).sqrt()
@@ -105,7 +106,9 @@ def shift_operator(weights: AttentionWeights, method: str, token_variance: float
 def _shift_operators(weights: AttentionWeights, method: str, token_variance: float, variants):
     """One (apply, apply_t) per (product dtype, whether to form G) in ``variants``, sharing the work.
     Forming G pays when the operator makes many products; unformed, G x is W_v x + c blockdiag(W_v[h]
-    W_k[h]^T) (W_q x), one more product per block."""
+    W_k[h]^T) (W_q x), one more product per block. Products with a transpose use a contiguous copy where
+    the weight is too large to stay in cache (3072-wide layers: a product through the strided view ran
+    1.7x slower on one core, the copy paying for itself within two blocks) or not float32/64."""
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
     heads = weights.heads
@@ -117,7 +120,9 @@ def _shift_operators(weights: AttentionWeights, method: str, token_variance: flo
 
         def cast(weight, dtype=dtype):
             weight = weight.to(dtype)
-            return weight, (weight.T if dtype in (torch.float32, torch.float64) else weight.T.contiguous())
+            streamed = weight.numel() * weight.element_size() > STREAMED_BYTES
+            full = dtype in (torch.float32, torch.float64)
+            return weight, (weight.T.contiguous() if streamed or not full else weight.T)
         if method == "qkv-stack":
             operators.append(_stack_pair([cast(w) for w in (weights.q, weights.k, weights.v)], dtype))
             continue

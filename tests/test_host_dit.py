@@ -187,8 +187,9 @@ def test_exact_response_matches_the_hosts_qwen_image_block(host):
     """The same for Qwen-Image's block: q, k and v from separate linears (to_q, to_k, to_v) with biases, RMS-normed
     q and k, rotary positions on the text and image tokens (text first, at positions of their own), the text
     stream's projections as unshifted context. The pack reads the same weights from the patcher."""
-    from harness.test_nodes.dits import build_dit
     from semantic_directions.nodes import host as host_layer
+
+    from harness.test_nodes.dits import build_dit
     patcher = build_dit("qwen", seed=1)
     model = patcher.model.diffusion_model
     block = copy.deepcopy(model.transformer_blocks[1]).double()

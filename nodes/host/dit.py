@@ -146,7 +146,7 @@ class ShiftsDuringCalls:
 
     def __init__(self, shifts: list, level: str):
         self.shifts, self.level = shifts, level  # [(DitSite, shift)], "diffusion_model" or "apply_model"
-        self.images = {}  # a single vector's image per linear and weight state (see _OutputShift)
+        self.images = {}  # a single vector's image per linear and weight state (see OutputShift)
 
     def __deepcopy__(self, memo):
         return self
@@ -161,7 +161,7 @@ class ShiftsDuringCalls:
         patch = model.patch_size if isinstance(model.patch_size, int) else model.patch_size[-1]
         call = ModelCall(options or {}, tuple(-(-size // patch) for size in x.shape[-2:]),
                          context.shape[1] if context is not None else 0)
-        handles = [model.get_submodule(path).register_forward_hook(_OutputShift(call, shift, rows, self.images))
+        handles = [model.get_submodule(path).register_forward_hook(OutputShift(call, shift, rows, self.images))
                    for site, shift in self.shifts for path, rows in site.linears]
         try:
             return executor(x, *args, **kwargs)
@@ -179,7 +179,7 @@ def _argument(args, kwargs, index, name):
     return next((a for a in args if isinstance(a, dict) and "sigmas" in a), None)
 
 
-class _OutputShift:
+class OutputShift:
     """One linear's forward hook for one call; the linear's own calls made to map a vector pass through. ``rows``:
     how many of its first output rows the shift moves.
 
