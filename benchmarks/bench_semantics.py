@@ -7,7 +7,9 @@ norm), through the host's real nodes: attention eigendirections (whitened, value
 every self-attention site, sampled with ddim; h-space principal directions (the pack's Directions From
 Samples node), sampled with the pack's Asyrp Sampler (h-space edits need it); example-pair directions per
 factor at every site (the pack's Direction From Example Pair on inverted held-out faces with the factor high
-against low), with each factor's best site reported against random and the ceiling (``pair_named``);
+against low: ``pair`` from different faces, ``pair-matched`` from each face drawn with the factor low and high,
+as photos of the same person with and without an attribute; full runs only), with each factor's best site
+reported against random and the ceiling (``pair_named``, ``pair_matched_named``);
 Jacobian directions at every site (the pack's Directions From Image on one held-out face), each site's best
 over the whitened eigendirections' best (``jacobian_over_whitened``); random unit directions at the same sites, as many, with the
 same sampler; and the site's ceiling: supervised directions from the gradient of each factor's
@@ -223,26 +225,38 @@ def jacobian_set(world, count: int):
                                                               latent, 0, 0.3, 1.0, "all", count)[0]
 
 
-def pair_set(world, dset_module, model_entry: dict, faces: int, log):
-    """Per factor, the pack's Direction From Example Pair at every site: held-out faces with the factor in the
-    top quarter against faces with it in the bottom quarter (``faces`` each, the other factors as they fall),
-    inverted with DDIM Invert and sampled back as the node records them. One unit direction per factor and
-    site, in FACTORS order (measured in site RMS units like every other direction)."""
-    pixels, factors = dataset(PAIR_POOL, PAIR_SEED, IMAGE_SIZE)
+def pair_set(world, dset_module, model_entry: dict, faces: int, log, matched: bool = False):
+    """Per factor, the pack's Direction From Example Pair at every site, from ``faces`` faces a side, inverted with
+    DDIM Invert and sampled back as the node records them. Unmatched ("pair"): held-out faces with the factor in
+    the top quarter against other faces with it in the bottom quarter, the other factors as they fall. Matched
+    ("pair-matched", the same person with and without the attribute): each face drawn twice, the factor in the
+    bottom and in the top quarter, every other factor the same. One unit direction per factor and site, in
+    FACTORS order (measured in site RMS units like every other direction)."""
+    pool_pixels, pool_factors = dataset(PAIR_POOL, PAIR_SEED, IMAGE_SIZE)
     invert, pair = world.registry["DDIMInvert"](), world.registry["DirectionFromExamplePair"]()
     vectors = {}
     for f, name in enumerate(FACTORS):
-        order = np.argsort(factors[:, f])
+        if matched:
+            rng = np.random.default_rng(PAIR_SEED + f)
+            sides = []
+            for low, high in ((0.0, 0.25), (0.75, 1.0)):
+                factors = pool_factors[:faces].copy()
+                factors[:, f] = rng.uniform(low, high, faces)
+                sides.append(np.stack([render(row, IMAGE_SIZE) for row in factors]))
+        else:
+            order = np.argsort(pool_factors[:, f])
+            sides = [pool_pixels[order[:faces]], pool_pixels[order[-faces:]]]
         batches = []
-        for chosen in (order[:faces], order[-faces:]):
-            latent = {"samples": world.vae.encode(torch.from_numpy(pixels[chosen]).float() / 255)}
+        for pixels in sides:
+            latent = {"samples": world.vae.encode(torch.from_numpy(pixels).float() / 255)}
             batches.append(invert.invert(world.model, latent, STEPS, "normal", 1.0, 2, world.conditioning)[0])
         found = pair.direction(world.model, world.conditioning, world.conditioning, *batches, 0, "disable", STEPS,
                                1.0, "ddim", "normal", "all", 0.0, 1.0, f"low {name}", f"high {name}")[0]
         for site, directions in found.sites.items():
             vectors.setdefault(site, []).append(directions.vectors[0])
-        log(f"pair directions for {name}: {len(found.sites)} sites")
-    return unit_set(dset_module, model_entry, {s: torch.stack(v) for s, v in vectors.items()}, "pair")
+        log(f"{'matched ' if matched else ''}pair directions for {name}: {len(found.sites)} sites")
+    return unit_set(dset_module, model_entry, {s: torch.stack(v) for s, v in vectors.items()},
+                    "pair-matched" if matched else "pair")
 
 
 def inverted(world, count: int):
@@ -381,15 +395,17 @@ def site_ceilings(results: Results, meaning: dict, means: dict) -> dict:
     return table
 
 
-def named_pairs(results, means, sets, ceiling_table, resamples) -> dict:
-    """Per factor, its example-pair direction at the site where it moves its named factor most over the best
-    random direction there: that slope, the ratio (with its bootstrap interval), the named factor's purity and
-    that purity over the site's ceiling for the factor; and at how many sites the ratio reaches 5."""
+def named_pairs(results, means, sets, ceiling_table, resamples, method: str) -> dict:
+    """Per factor, its example-pair direction (``method``: "pair" or "pair-matched") at the site where it moves
+    its named factor most over the best random direction there: that slope, the ratio (with its bootstrap
+    interval), the named factor's purity and that purity over the site's ceiling for the factor, the ceiling's own
+    effect over the same random best (what any direction there can reach); and at how many sites the ratio
+    reaches 5."""
     named = {}
     for f, name in enumerate(FACTORS):
         rows = []
-        for site in sets["pair"].sites:
-            key, random = ("pair", site, f), results.keys(RANDOM[family(site)], site)
+        for site in sets[method].sites:
+            key, random = (method, site, f), results.keys(RANDOM[family(site)], site)
 
             def ratio(m, key=key, random=random, f=f):
                 return abs(float(m[key][f])) / max(effect(m[k]) for k in random)
@@ -398,6 +414,8 @@ def named_pairs(results, means, sets, ceiling_table, resamples) -> dict:
                          "ratio_vs_random": round(ratio(means), 2), "ratio": ratio,
                          "purity": round(purity(means[key], f), 3),
                          "purity_vs_ceiling": round(purity(means[key], f) / max(ceiling["purity"], 1e-12), 3)
+                         if ceiling else None,
+                         "ceiling_ratio_vs_random": round(ceiling["effect"] / max(effect(means[k]) for k in random), 2)
                          if ceiling else None})
         best = max(rows, key=lambda r: r["ratio_vs_random"])
         named[name] = {**{k: v for k, v in best.items() if k != "ratio"},
@@ -429,6 +447,8 @@ def main():
 
     sets["hspace-pca"] = hspace_set(world, plan["hspace"])
     sets["pair"] = pair_set(world, dset_module, model_entry, plan["pair_faces"], log)
+    if not args.quick:  # quick keeps its time for development
+        sets["pair-matched"] = pair_set(world, dset_module, model_entry, plan["pair_faces"], log, matched=True)
     sets["jacobian"] = jacobian_set(world, plan["per_site"])
     if plan["sites"]:  # quick: the chosen attention sites and h-space only
         sets = {m: dset_module.DirectionSet(sites={k: v for k, v in s.sites.items() if k in (*plan["sites"], "h_space")},
@@ -523,7 +543,8 @@ def main():
             sites[site]["jacobian_over_whitened"] = round(per_method["jacobian"]["effect"] /
                                                           max(per_method["whitened"]["effect"], 1e-12), 2)
 
-    pair_named = named_pairs(results, means, sets, ceiling_table, resamples) if "pair" in sets else {}
+    pair_named = {method: named_pairs(results, means, sets, ceiling_table, resamples, method)
+                  for method in ("pair", "pair-matched") if method in sets}
     phase("inversion_transfer_and_saturation")
     picture_path = QUICK_PICTURE if args.quick else PICTURE
     picture(rows, picture_path)
@@ -544,7 +565,8 @@ def main():
         "noisy_samples": samples["noisy_samples"], "samples": plan["samples"],
         "inversion_psnr": round(psnr(reconstructed[:, 0], originals), 2),
         "inversion_factor_error": round(float(np.abs(reconstructed_factors - world.factors(originals)).mean()), 4),
-        "methods": methods, "pair_named": pair_named, "sites": sites,
+        "methods": methods, "pair_named": pair_named["pair"], "pair_matched_named": pair_named.get("pair-matched"),
+        "sites": sites,
         "jacobian_at_least_whitened_sites": [sum(s.get("jacobian_over_whitened", 0) >= 1 for s in sites.values()),
                                               sum("jacobian_over_whitened" in s for s in sites.values())], "picture": str(picture_path), "timings_s": timings,
     }, args.json)
