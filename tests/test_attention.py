@@ -186,3 +186,21 @@ def test_a_bfloat16_draft_only_chooses_the_subspace(method):
     assert torch.allclose(apply(vectors.T).norm(dim=0), gains, rtol=1e-5)  # float32 norms of the same products
     exact = torch.linalg.svdvals(apply(eye).double())[:10]
     assert ((gains.double() - exact).abs() / exact).max() < 2.5e-3
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_copied_transposes_give_the_same_directions(method, monkeypatch):
+    """Weights too large for the cache multiply through contiguous transposed copies (Flux.1-wide layers); forced
+    on a small layer, the directions and gains equal those through the transposed views, up to float32 rounding
+    of the products' other summation order."""
+    from semantic_directions.directions import attention
+    weights = random_layer(640, 8, seed=11, dtype=torch.float32)
+    viewed = attention_directions(weights, 6, method, fast=False)
+    monkeypatch.setattr(attention, "STREAMED_BYTES", 0)
+    apply, apply_t = shift_operator(weights, method)
+    rows = 3 * 640 if method == "qkv-stack" else 640
+    matrix, probe = apply(torch.eye(640)), torch.randn(rows, 3, generator=torch.Generator().manual_seed(12))
+    assert_float32_close(apply_t(probe), matrix.T @ probe)  # the copies are the transposes
+    copied = attention_directions(weights, 6, method, fast=False)
+    assert_float32_close(copied[1], viewed[1])
+    assert (copied[0] * viewed[0]).sum(1).abs().min() > 1 - 1e-4  # the same unit vectors (signs fixed alike)
