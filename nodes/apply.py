@@ -92,7 +92,8 @@ def edits_on(model_options: dict) -> list:
     options = model_options.get("transformer_options", {})
     patches = options.get("patches", {})
     return [p.edit for key in ("attn1_patch", "output_block_patch") for p in patches.get(key, [])
-            if isinstance(p, _Patch)] + list(options.get(host.DIT_EDITS, []))
+            if isinstance(p, _Patch)] + [shift.patch.edit for _, shift in host.dit.shifts_on(model_options)
+                                         if isinstance(shift, DitShift)]
 
 
 class ApplyDirection:
@@ -166,8 +167,6 @@ class ApplyDirection:
         if transformer_sites:
             patch, blocks = _Patch(edit, host.PASSES[apply_to]), host.dit.sites(model)
             host.dit.add_shifts(patched, [(blocks[path], DitShift(patch, path, blocks[path])) for path in transformer_sites])
-            options = patched.model_options.setdefault("transformer_options", {})
-            options[host.DIT_EDITS] = [*options.get(host.DIT_EDITS, []), edit]
         return (patched,)
 
 

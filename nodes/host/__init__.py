@@ -40,7 +40,6 @@ PASSES = {"both": (COND, UNCOND), "cond": (COND,), "uncond": (UNCOND,)}
 # runs unedited) or "all" (the whole call runs unedited); SAMPLER names the sampler for the patches.
 UNEDITED = "semantic_directions_unedited"
 SAMPLER = "semantic_directions_sampler"
-DIT_EDITS = "semantic_directions_dit_edits"  # the edits Apply Direction made at transformer sites (object patches)
 ASYRP = "asyrp"
 
 ancestral_split = comfy.k_diffusion.sampling.get_ancestral_step

@@ -35,6 +35,8 @@ FAMILIES = "Flux, Flux.2, Chroma, SD3 and Qwen-Image"
 GROUPS = {"double": "double_blocks", "single": "single_blocks", "joint": "joint_blocks",
           "transformer": "transformer_blocks"}
 WRAPPER_KEY = "semantic_directions"
+WRAPPER_TYPES = {"diffusion_model": comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
+                 "apply_model": comfy.patcher_extension.WrappersMP.APPLY_MODEL}  # a site's call_wrapper -> the host's
 
 
 @dataclass(frozen=True)
@@ -235,10 +237,16 @@ class OutputShift:
 def add_shifts(patcher, shifts: list) -> None:
     """Put ``shifts`` [(DitSite, shift)] on ``patcher`` (a clone): see :class:`ShiftsDuringCalls`."""
     for level in dict.fromkeys(site.call_wrapper for site, _ in shifts):
-        wrapper = {"diffusion_model": comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL,
-                   "apply_model": comfy.patcher_extension.WrappersMP.APPLY_MODEL}[level]
-        patcher.add_wrapper_with_key(wrapper, WRAPPER_KEY, ShiftsDuringCalls(
+        patcher.add_wrapper_with_key(WRAPPER_TYPES[level], WRAPPER_KEY, ShiftsDuringCalls(
             [(site, shift) for site, shift in shifts if site.call_wrapper == level], level))
+
+
+def shifts_on(model_options: dict) -> list:
+    """Every (DitSite, shift) of the wrappers on a sampling run's model options (the host copies a patcher's
+    wrappers into them before it samples), so a sampler can see the edits on the model it runs."""
+    wrappers = [wrapper for kind in WRAPPER_TYPES.values()
+                for wrapper in comfy.patcher_extension.get_all_wrappers(kind, model_options, is_model_options=True)]
+    return [pair for wrapper in wrappers if isinstance(wrapper, ShiftsDuringCalls) for pair in wrapper.shifts]
 
 
 def first_linear(site: DitSite) -> DitSite:
