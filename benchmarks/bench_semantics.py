@@ -30,7 +30,15 @@ denoiser's, and its samples' redraw PSNR and noise. Writes benchmarks/semantics.
 best direction swept out to four times the largest linear alpha.
 
     .venv/bin/python -m benchmarks.bench_semantics --json [--quick]
+
+A full run keeps each sweep's result in .cache/bench-semantics (SweepCache), so one that stops continues
+where it stopped when run again. --quick (development, under 5 minutes on 2 cores): one attention site and
+h-space, 4 seeds, the two largest alphas per sign, example pairs for two factors, one Jacobian direction per
+site, one face for the oracle.
 """
+import hashlib
+import json
+import os
 import time
 from pathlib import Path
 
@@ -39,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
-from benchmarks.common import arguments, report, start_host
+from benchmarks.common import REPO, arguments, report, start_host
 from benchmarks.measures import (bootstrap_interval, bootstrap_resamples, ceiling_directions, effect, purity,
                                  seed_slopes)
 from world import quality
@@ -51,30 +59,37 @@ STEPS, BASE_SEED = 20, 1000
 # its RMS norm: the central difference at +-0.05 is already 13% off the gradient there (third-order terms),
 # at +-0.01 within 1% (tests/test_measures.py), so it is swept five times finer.
 LINEAR_ALPHAS = {"attention": (-0.5, -0.25, -0.1, 0.1, 0.25, 0.5), "hspace": (-0.1, -0.05, -0.02, 0.02, 0.05, 0.1)}
+# quick sweeps the two largest per sign: the slope through 0 weighs each alpha by its square, so the smallest carried 3%
+QUICK_ALPHAS = {name: tuple(a for a in alphas if abs(a) >= max(alphas) / 2) for name, alphas in LINEAR_ALPHAS.items()}
 SATURATION = (-4.0, -2.0, -1.0, 1.0, 2.0, 4.0)  # multiples of the family's largest linear alpha, for the picture
 HELD_OUT_SEED = 303  # neither the model's nor the regressor's images
-FULL = {"seeds": 16, "per_site": 4, "hspace": 8, "held_out": 16, "oracle_faces": 16, "samples": 32, "sites": None,
-        "pair_faces": 48}
-QUICK = {"seeds": 4, "per_site": 2, "hspace": 2, "held_out": 4, "oracle_faces": 2, "samples": 8, "pair_faces": 4,
+FULL = {"seeds": 16, "per_site": 4, "jacobian": 4, "hspace": 8, "held_out": 16, "oracle_faces": 16, "samples": 32,
+        "sites": None, "pair_faces": 48, "pair_factors": FACTORS, "alphas": LINEAR_ALPHAS}
+QUICK = {"seeds": 4, "per_site": 2, "jacobian": 1, "hspace": 2, "held_out": 4, "oracle_faces": 1, "samples": 8,
+         "pair_faces": 4, "pair_factors": ("smile", "background"), "alphas": QUICK_ALPHAS,
          "sites": ("output_blocks.1.1.transformer_blocks.0.attn1",)}
 HSPACE_SAMPLES = 64
+MODEL_BATCH = 48  # images a model call: fastest per image on 2 CPU cores (7.7 ms; 8.7 at 96, 10 at 16)
 JACOBIAN_SEED = 505
 PAIR_SEED, PAIR_POOL = 404, 400  # the example pairs' faces: the top and bottom of this many held-out faces per factor
 PICTURE = Path(__file__).resolve().parent / "semantics.jpg"
 QUICK_PICTURE = Path(__file__).resolve().parent.parent / ".cache" / "semantics-quick.jpg"  # not the README's
 RANDOM = {"attention": "random-attention", "hspace": "random-hspace"}
+SWEEP_CACHE = REPO / ".cache" / "bench-semantics"
+SOURCES = ("__init__.py", "directions/*.py", "nodes/**/*.py", "harness/**/*.py", "benchmarks/bench_semantics.py",
+           "benchmarks/measures.py", "benchmarks/common.py", "world/*.py", "world/*.safetensors")
 
 
 def family(site: str) -> str:
     return "hspace" if site == "h_space" else "attention"
 
 
-def linear_alphas(site: str) -> tuple:
-    return LINEAR_ALPHAS[family(site)]
+def linear_alphas(site: str, plan: dict) -> tuple:
+    return plan["alphas"][family(site)]
 
 
-def saturation_alphas(site: str) -> tuple:
-    return tuple(m * max(linear_alphas(site)) for m in SATURATION)
+def saturation_alphas(site: str, plan: dict) -> tuple:
+    return tuple(m * max(linear_alphas(site, plan)) for m in SATURATION)
 
 
 class World:
@@ -94,27 +109,37 @@ class World:
     def sigmas(self) -> torch.Tensor:
         return self.samplers.calculate_sigmas(self.model.get_model_object("model_sampling"), "normal", STEPS)
 
-    def sample(self, model, start: torch.Tensor, sampler=None, batch_index=None, add_noise=True,
-               seed=BASE_SEED) -> torch.Tensor:
+    def sample(self, start: torch.Tensor, direction=None, alphas=None, sampler=None, batch_index=None,
+               add_noise=True, seed=BASE_SEED) -> torch.Tensor:
         """``STEPS`` steps of ddim (or ``sampler``) at cfg 1, the model being unconditional, as KSampler and
-        SamplerCustom run them -> images [B, 32, 32, 3] in [0, 1]. ``batch_index`` gives image i the
-        noise of seed index i; ``add_noise`` False starts from ``start`` itself (an inverted latent)."""
-        noise = self.sample_module.prepare_noise(start, seed, batch_index) if add_noise else torch.zeros_like(start)
-        samples = self.sample_module.sample_custom(model, noise, 1.0, sampler or self.ddim, self.sigmas(),
-                                                   self.conditioning, self.conditioning, start, seed=seed)
-        return self.vae.decode(samples).float()
+        SamplerCustom run them -> images [B, 32, 32, 3] in [0, 1]. ``direction`` (dset, index, site) is applied
+        with ``alphas``, one per image, by Apply Direction's alpha_list. Image i gets the noise of seed index
+        ``batch_index[i]`` (default i); ``add_noise`` False starts from ``start`` itself (an inverted latent).
+        In sampler calls of at most MODEL_BATCH model rows (the Asyrp Sampler doubles its batch)."""
+        batch_index = list(range(len(start))) if batch_index is None else batch_index
+        rows = MODEL_BATCH // (2 if sampler is self.asyrp else 1)
+        images = []
+        for first in range(0, len(start), rows):
+            part = slice(first, first + rows)
+            model = self.model if direction is None else self.edited(*direction, alphas[part])
+            noise = (self.sample_module.prepare_noise(start[part], seed, batch_index[part]) if add_noise
+                     else torch.zeros_like(start[part]))
+            samples = self.sample_module.sample_custom(model, noise, 1.0, sampler or self.ddim, self.sigmas(),
+                                                       self.conditioning, self.conditioning, start[part], seed=seed)
+            images.append(self.vae.decode(samples).float())
+        return torch.cat(images)
 
-    def sweep(self, model, alphas, sampler=None) -> torch.Tensor:
-        """Every seed at every alpha, in one sampler call -> [seeds, len(alphas), 32, 32, 3]."""
+    def sweep(self, alphas, direction=None, sampler=None) -> torch.Tensor:
+        """Every seed at every alpha (``direction`` as in ``sample``) -> [seeds, len(alphas), 32, 32, 3]."""
         start = torch.zeros(self.seeds * len(alphas), 3, IMAGE_SIZE, IMAGE_SIZE)
-        images = self.sample(model, start, sampler, batch_index=[s for s in range(self.seeds) for _ in alphas])
+        images = self.sample(start, direction, list(alphas) * self.seeds, sampler,
+                             batch_index=[s for s in range(self.seeds) for _ in alphas])
         return images.reshape(self.seeds, len(alphas), IMAGE_SIZE, IMAGE_SIZE, 3)
 
-    def edited(self, dset, index, site, alphas, batch: int):
-        """The model with one direction applied: ``alphas`` in turn along a latent batch of ``batch`` images."""
-        alpha_list = ", ".join(str(alphas[i % len(alphas)]) for i in range(batch))
+    def edited(self, dset, index, site, alphas):
+        """The model with one direction applied, ``alphas`` one per image of the latent batch."""
         return self.registry["ApplyDirection"]().apply(self.model, dset, index, site, 0.0, 0.0, 1.0, "both",
-                                                       alpha_list=alpha_list)[0]
+                                                       alpha_list=", ".join(map(str, alphas)))[0]
 
     @torch.no_grad()
     def factors(self, images: torch.Tensor) -> np.ndarray:
@@ -215,42 +240,41 @@ def hspace_set(world, count: int):
                            STEPS, 1.0, "ddim", "normal", "h_space", 0.0, 1.0, count)[0]
 
 
-def jacobian_set(world, count: int):
-    """The pack's Directions From Image (Jacobian) at every site, for one held-out face noised to 0.3 of the
-    schedule (where structure edits start), ``count`` per site: measured on the generated seeds like the
-    others, so they are judged as directions of the model, not of that one face."""
+def jacobian_set(world, count: int, sites: str):
+    """The pack's Directions From Image (Jacobian) at ``sites`` (the node's site input), for one held-out face
+    noised to 0.3 of the schedule (where structure edits start), ``count`` per site: measured on the generated
+    seeds like the others, so they are judged as directions of the model, not of that one face."""
     pixels, _ = dataset(1, JACOBIAN_SEED, IMAGE_SIZE)
     latent = {"samples": world.vae.encode(torch.from_numpy(pixels).float() / 255)}
     return world.registry["DirectionsFromImage"]().directions(world.model, world.conditioning, world.conditioning,
-                                                              latent, 0, 0.3, 1.0, "all", count)[0]
+                                                              latent, 0, 0.3, 1.0, sites, count)[0]
 
 
-def pair_set(world, dset_module, model_entry: dict, faces: int, log, matched: bool = False):
-    """Per factor, the pack's Direction From Example Pair at every site, from ``faces`` faces a side, inverted with
-    DDIM Invert and sampled back as the node records them. Unmatched ("pair"): held-out faces with the factor in
-    the top quarter against other faces with it in the bottom quarter, the other factors as they fall. Matched
-    ("pair-matched", the same person with and without the attribute): each face drawn twice, the factor in the
-    bottom and in the top quarter, every other factor the same. One unit direction per factor and site, in
-    FACTORS order (measured in site RMS units like every other direction)."""
+def pair_set(world, dset_module, model_entry: dict, faces: int, factors: tuple, log, matched: bool = False):
+    """Per factor named in ``factors``, the pack's Direction From Example Pair at every site, from ``faces`` faces a
+    side, inverted with DDIM Invert (all sides together) and sampled back as the node records them. Unmatched
+    ("pair"): held-out faces with the factor in the top quarter against other faces with it in the bottom quarter,
+    the other factors as they fall. Matched ("pair-matched", the same person with and without the attribute): each
+    face drawn twice, the factor in the bottom and in the top quarter, every other factor the same. One unit
+    direction per factor and site, in ``factors`` order (measured in site RMS units like every other direction)."""
     pool_pixels, pool_factors = dataset(PAIR_POOL, PAIR_SEED, IMAGE_SIZE)
-    invert, pair = world.registry["DDIMInvert"](), world.registry["DirectionFromExamplePair"]()
-    vectors = {}
-    for f, name in enumerate(FACTORS):
+    sides = []  # low, high per factor
+    for name in factors:
+        f = FACTORS.index(name)
         if matched:
             rng = np.random.default_rng(PAIR_SEED + f)
-            sides = []
             for low, high in ((0.0, 0.25), (0.75, 1.0)):
-                factors = pool_factors[:faces].copy()
-                factors[:, f] = rng.uniform(low, high, faces)
-                sides.append(np.stack([render(row, IMAGE_SIZE) for row in factors]))
+                drawn = pool_factors[:faces].copy()
+                drawn[:, f] = rng.uniform(low, high, faces)
+                sides.append(np.stack([render(row, IMAGE_SIZE) for row in drawn]))
         else:
             order = np.argsort(pool_factors[:, f])
-            sides = [pool_pixels[order[:faces]], pool_pixels[order[-faces:]]]
-        batches = []
-        for pixels in sides:
-            latent = {"samples": world.vae.encode(torch.from_numpy(pixels).float() / 255)}
-            batches.append(invert.invert(world.model, latent, STEPS, "normal", 1.0, 2, world.conditioning)[0])
-        found = pair.direction(world.model, world.conditioning, world.conditioning, *batches, 0, "disable", STEPS,
+            sides += [pool_pixels[order[:faces]], pool_pixels[order[-faces:]]]
+    latents = invert(world, np.concatenate(sides)).split(faces)
+    pair, vectors = world.registry["DirectionFromExamplePair"](), {}
+    for i, name in enumerate(factors):
+        low, high = ({"samples": latent} for latent in latents[2 * i:2 * i + 2])
+        found = pair.direction(world.model, world.conditioning, world.conditioning, low, high, 0, "disable", STEPS,
                                1.0, "ddim", "normal", "all", 0.0, 1.0, f"low {name}", f"high {name}")[0]
         for site, directions in found.sites.items():
             vectors.setdefault(site, []).append(directions.vectors[0])
@@ -259,21 +283,26 @@ def pair_set(world, dset_module, model_entry: dict, faces: int, log, matched: bo
                     "pair-matched" if matched else "pair")
 
 
+def invert(world, pixels: np.ndarray, chunk: int = 48) -> torch.Tensor:
+    """uint8 images [N, 32, 32, 3] -> their x_T [N, 3, 32, 32] by the pack's DDIM Invert (refine 2), ``chunk``
+    images a call (larger batches run faster per image on the CPU up to about 48)."""
+    node = world.registry["DDIMInvert"]()
+    images = torch.from_numpy(pixels).float() / 255
+    return torch.cat([node.invert(world.model, {"samples": world.vae.encode(images[i:i + chunk])}, STEPS, "normal",
+                                  1.0, 2, world.conditioning)[0]["samples"] for i in range(0, len(images), chunk)])
+
+
 def inverted(world, count: int):
     """Held-out world images inverted with the pack's DDIM Invert: (originals [N, 32, 32, 3], its x_T LATENT)."""
     pixels, _ = dataset(count, HELD_OUT_SEED, IMAGE_SIZE)
-    originals = torch.from_numpy(pixels).float() / 255
-    latent = {"samples": world.vae.encode(originals)}
-    inverted_latent = world.registry["DDIMInvert"]().invert(world.model, latent, STEPS, "normal", 1.0, 2,
-                                                            world.conditioning)[0]
-    return originals, inverted_latent
+    return torch.from_numpy(pixels).float() / 255, {"samples": invert(world, pixels)}
 
 
-def sample_back(world, model, inverted_latent, alphas, sampler=None) -> torch.Tensor:
+def sample_back(world, inverted_latent, alphas, direction=None, sampler=None) -> torch.Tensor:
     """Each inverted image at each alpha -> [N, A, 32, 32, 3] (add_noise off, as after inversion)."""
     count = inverted_latent["samples"].shape[0]
     start = inverted_latent["samples"].repeat_interleave(len(alphas), 0)
-    images = world.sample(model, start, sampler, add_noise=False)
+    images = world.sample(start, direction, list(alphas) * count, sampler, add_noise=False)
     return images.reshape(count, len(alphas), IMAGE_SIZE, IMAGE_SIZE, 3)
 
 
@@ -345,10 +374,34 @@ class Results:
         return bootstrap_interval(statistic, self.per_seed, resamples)
 
 
-def measure_direction(world, dset, site, index, base_images, base_factors, alphas):
-    """(per-seed slopes [S, 7], the direction's record) from one sweep through Apply Direction."""
-    model = world.edited(dset, index, site, alphas, world.seeds * len(alphas))
-    images = world.sweep(model, alphas, sampler_of(world, site))
+class SweepCache:
+    """Each direction's measured slopes on disk (JSON), keyed by the direction, its site, the alphas and seeds,
+    and every file the result depends on (the pack's, the harness's, this benchmark's and the world's sources
+    and weights, the host's folder, torch's version): a full run that stops continues where it stopped, and a
+    change anywhere starts afresh."""
+
+    def __init__(self, folder: Path = SWEEP_CACHE):
+        import comfy.sample
+        digest = hashlib.sha256(f"{torch.__version__} {Path(comfy.sample.__file__).resolve().parent}".encode())
+        for path in sorted({path for pattern in SOURCES for path in REPO.glob(pattern)}):
+            digest.update(path.relative_to(REPO).as_posix().encode())
+            digest.update(path.read_bytes())
+        self.version, self.folder = digest.hexdigest(), folder
+
+    def path(self, site: str, vector: torch.Tensor, alphas, seeds: int) -> Path:
+        digest = hashlib.sha256(f"{self.version} {site} {tuple(alphas)} {seeds} {STEPS} {BASE_SEED}".encode())
+        digest.update(vector.detach().float().contiguous().cpu().numpy().tobytes())
+        return self.folder / f"{digest.hexdigest()}.json"
+
+
+def measure_direction(world, dset, site, index, base_images, base_factors, alphas, cache: SweepCache | None = None):
+    """(per-seed slopes [S, 7], the direction's record) from one sweep through Apply Direction, or from
+    ``cache`` where this sweep was measured before."""
+    stored = cache.path(site, dset.sites[site].vectors[index], alphas, world.seeds) if cache else None
+    if stored is not None and stored.is_file():
+        saved = json.loads(stored.read_text())
+        return np.asarray(saved["per_seed"], np.float64), {**saved["record"], "index": index}
+    images = world.sweep(alphas, (dset, index, site), sampler_of(world, site))
     per_seed = seed_slopes(base_factors, world.factors(images), alphas)
     slope = per_seed.mean(0)
     factor = int(np.abs(slope).argmax())
@@ -356,6 +409,11 @@ def measure_direction(world, dset, site, index, base_images, base_factors, alpha
               "effect": round(effect(slope), 4), "purity": round(purity(slope), 3),
               "slopes": [round(float(s), 4) for s in slope],
               "preservation_db": preservation(base_images, base_factors, images, slope, alphas)}
+    if stored is not None:
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        partial = stored.with_suffix(".partial")
+        partial.write_text(json.dumps({"per_seed": per_seed.tolist(), "record": record}))
+        os.replace(partial, stored)
     return per_seed, record
 
 
@@ -395,17 +453,17 @@ def site_ceilings(results: Results, meaning: dict, means: dict) -> dict:
     return table
 
 
-def named_pairs(results, means, sets, ceiling_table, resamples, method: str) -> dict:
-    """Per factor, its example-pair direction (``method``: "pair" or "pair-matched") at the site where it moves
-    its named factor most over the best random direction there: that slope, the ratio (with its bootstrap
-    interval), the named factor's purity and that purity over the site's ceiling for the factor, the ceiling's own
-    effect over the same random best (what any direction there can reach); and at how many sites the ratio
-    reaches 5."""
+def named_pairs(results, means, sets, ceiling_table, resamples, method: str, factors: tuple) -> dict:
+    """Per factor in ``factors`` (the pair set's order), its example-pair direction (``method``: "pair" or
+    "pair-matched") at the site where it moves its named factor most over the best random direction there: that
+    slope, the ratio (with its bootstrap interval), the named factor's purity and that purity over the site's
+    ceiling for the factor, the ceiling's own effect over the same random best (what any direction there can
+    reach); and at how many sites the ratio reaches 5."""
     named = {}
-    for f, name in enumerate(FACTORS):
-        rows = []
+    for i, name in enumerate(factors):
+        rows, f = [], FACTORS.index(name)
         for site in sets[method].sites:
-            key, random = (method, site, f), results.keys(RANDOM[family(site)], site)
+            key, random = (method, site, i), results.keys(RANDOM[family(site)], site)
 
             def ratio(m, key=key, random=random, f=f):
                 return abs(float(m[key][f])) / max(effect(m[k]) for k in random)
@@ -438,7 +496,7 @@ def main():
     from semantic_directions.directions import directionset as dset_module
     from semantic_directions.nodes.host import made_for
     model_entry = made_for(world.model)
-    base_images = world.sweep(world.model, [0.0])
+    base_images = world.sweep([0.0])
     base_factors = world.factors(base_images)[:, 0]
 
     discover = world.registry["DiscoverAttentionEigendirections"]()
@@ -446,10 +504,12 @@ def main():
             for method in ("whitened", "value", "qkv-stack")}
 
     sets["hspace-pca"] = hspace_set(world, plan["hspace"])
-    sets["pair"] = pair_set(world, dset_module, model_entry, plan["pair_faces"], log)
+    sets["pair"] = pair_set(world, dset_module, model_entry, plan["pair_faces"], plan["pair_factors"], log)
     if not args.quick:  # quick keeps its time for development
-        sets["pair-matched"] = pair_set(world, dset_module, model_entry, plan["pair_faces"], log, matched=True)
-    sets["jacobian"] = jacobian_set(world, plan["per_site"])
+        sets["pair-matched"] = pair_set(world, dset_module, model_entry, plan["pair_faces"], plan["pair_factors"],
+                                        log, matched=True)
+    sets["jacobian"] = jacobian_set(world, plan["jacobian"], ", ".join((*plan["sites"], "h_space")) if plan["sites"]
+                                    else "all")
     if plan["sites"]:  # quick: the chosen attention sites and h-space only
         sets = {m: dset_module.DirectionSet(sites={k: v for k, v in s.sites.items() if k in (*plan["sites"], "h_space")},
                                             method=s.method, model=s.model, params=s.params) for m, s in sets.items()}
@@ -458,13 +518,13 @@ def main():
                                           "random-attention")
     sets["random-hspace"] = random_set(dset_module, model_entry, {"h_space": sets["hspace-pca"].sites["h_space"].width},
                                        plan["hspace"], 2, "random-hspace")
-    results = Results()
+    results, cache = Results(), None if args.quick else SweepCache()
 
     def measure_all(method, dset):
         for site, directions in dset.sites.items():
             for index in range(directions.count):
                 per_seed, record = measure_direction(world, dset, site, index, base_images, base_factors,
-                                                        linear_alphas(site))
+                                                        linear_alphas(site, plan), cache)
                 results.add((method, site, index), per_seed, record)
                 log(method, record)
     phase("discovery_and_hspace_pca")
@@ -488,7 +548,7 @@ def main():
     resamples = bootstrap_resamples(plan["seeds"])
     ceiling_table = site_ceilings(results, meaning, means)
     originals, inverted_latent = inverted(world, plan["held_out"])
-    reconstructed = sample_back(world, world.model, inverted_latent, [0.0])
+    reconstructed = sample_back(world, inverted_latent, [0.0])
     reconstructed_factors = world.factors(reconstructed)[:, 0]
     methods, rows = {}, []
     for method, dset in sets.items():
@@ -496,12 +556,11 @@ def main():
         best = dict(results.records[key])
         factor = FACTORS.index(best["factor"])
         site_ceiling = ceiling_table[key[1]][best["factor"]]
-        alphas, saturating = linear_alphas(key[1]), saturation_alphas(key[1])
-        model = world.edited(dset, key[2], key[1], alphas, plan["held_out"] * len(alphas))
-        edited = sample_back(world, model, inverted_latent, alphas, sampler_of(world, key[1]))
+        alphas, saturating = linear_alphas(key[1], plan), saturation_alphas(key[1], plan)
+        direction = (dset, key[2], key[1])
+        edited = sample_back(world, inverted_latent, alphas, direction, sampler_of(world, key[1]))
         on_inverted = seed_slopes(reconstructed_factors, world.factors(edited), alphas).mean(0)
-        model = world.edited(dset, key[2], key[1], saturating, plan["seeds"] * len(saturating))
-        saturated = world.sweep(model, saturating, sampler_of(world, key[1]))
+        saturated = world.sweep(saturating, direction, sampler_of(world, key[1]))
         change = (world.factors(saturated)[..., factor] - base_factors[:, None, factor]).mean(0)
         figures = {"best": best, "best_effect": best["effect"],
                    "purity_vs_ceiling": round(best["purity"] / max(site_ceiling["purity"], 1e-12), 3),
@@ -543,18 +602,18 @@ def main():
             sites[site]["jacobian_over_whitened"] = round(per_method["jacobian"]["effect"] /
                                                           max(per_method["whitened"]["effect"], 1e-12), 2)
 
-    pair_named = {method: named_pairs(results, means, sets, ceiling_table, resamples, method)
+    pair_named = {method: named_pairs(results, means, sets, ceiling_table, resamples, method, plan["pair_factors"])
                   for method in ("pair", "pair-matched") if method in sets}
     phase("inversion_transfer_and_saturation")
     picture_path = QUICK_PICTURE if args.quick else PICTURE
     picture(rows, picture_path)
     faces = quality.held_out_faces(plan["oracle_faces"])
     samples = quality.sample_quality(quality.sample(world.model, plan["samples"]))
-    oracle = {f"{s:g}": quality.oracle_x0_psnr(faces, s) for s in quality.SIGMAS}
+    oracle = quality.oracle_x0_psnr(faces)
     phase("world_quality_and_oracle")
     report({
         "device": args.device, "quick": args.quick, "seeds": plan["seeds"], "steps": STEPS,
-        "linear_alphas": list(LINEAR_ALPHAS["attention"]), "hspace_linear_alphas": list(LINEAR_ALPHAS["hspace"]),
+        "linear_alphas": list(plan["alphas"]["attention"]), "hspace_linear_alphas": list(plan["alphas"]["hspace"]),
         "saturation_multiples": list(SATURATION),
         "regressor_factors": list(FACTORS), "bootstrap_resamples": len(resamples),
         "world_x0_psnr": {f"{s:g}": round(quality.model_x0_psnr(world.model, faces, s), 2) for s in quality.SIGMAS},

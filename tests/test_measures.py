@@ -121,10 +121,38 @@ def test_the_ceilings_gradient_is_the_slope_apply_direction_produces(host, site)
     direction /= np.linalg.norm(direction)
     dset = unit_set(directionset, made_for(world.model), {site: direction[None]}, "test")
     alpha = 0.01
-    images = world.sweep(world.edited(dset, 0, site, (-alpha, alpha), 4), (-alpha, alpha), sampler_of(world, site))
+    images = world.sweep((-alpha, alpha), (dset, 0, site), sampler_of(world, site))
     with torch.no_grad():
         readings = world.regressor(images.reshape(-1, 32, 32, 3).permute(0, 3, 1, 2) * 2 - 1).reshape(2, 2, -1)
     measured = ((readings[:, 1] - readings[:, 0]).mean(0) / (2 * alpha)).double().numpy()
     predicted = gradients @ direction
     print("predicted", predicted.round(4), "measured", measured.round(4))
     assert np.abs(measured - predicted).max() < 0.05 * np.abs(predicted).max()
+
+
+def test_a_cached_sweep_reads_back_equal_without_sampling_again(host, tmp_path):
+    """A full run's SweepCache: a direction measured once is read back with the same slopes and record (its
+    index as asked) and without sampling; another direction or other alphas are other entries."""
+    from benchmarks.bench_semantics import SweepCache, World, measure_direction, unit_set
+    from semantic_directions.directions import directionset
+    from semantic_directions.nodes.host import made_for
+    world = World(host, seeds=2)
+    base_images = world.sweep([0.0])
+    base_factors = world.factors(base_images)[:, 0]
+    site, alphas = "output_blocks.1.1.transformer_blocks.0.attn1", (-0.5, 0.5)
+    width = world.model.model.diffusion_model.get_submodule(site).to_q.in_features
+    vectors = np.random.default_rng(3).standard_normal((2, width))
+    dset = unit_set(directionset, made_for(world.model), {site: vectors}, "test")
+    cache = SweepCache(tmp_path)
+    slopes, record = measure_direction(world, dset, site, 0, base_images, base_factors, alphas, cache)
+    assert len(list(tmp_path.glob("*.json"))) == 1
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("a cached sweep was sampled again")
+    world.sweep = no_sampling
+    again, again_record = measure_direction(world, dset, site, 0, base_images, base_factors, alphas, cache)
+    np.testing.assert_array_equal(again, slopes)
+    assert again_record == record
+    first = dset.sites[site].vectors
+    assert len({cache.path(site, first[0], alphas, 2), cache.path(site, first[1], alphas, 2),
+                cache.path(site, first[0], (-0.25, 0.25), 2), cache.path(site, first[0], alphas, 3)}) == 4

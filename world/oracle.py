@@ -12,6 +12,9 @@ each beta step chosen so that the reweighting keeps half the particles' effectiv
 resampled and moved by random-walk Metropolis steps that leave that posterior invariant. Its own
 convergence is checked by running it twice (``agreement``).
 """
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,6 +92,21 @@ def posterior_mean(noisy: np.ndarray, sigma: float, draw=world_render, dims: int
         scale *= np.exp(acceptance - 0.25)  # towards a quarter accepted
     distinct = len(np.unique(f, axis=0))
     return Posterior(mean=images.mean(0), stages=stages, acceptance=acceptance, distinct=distinct)
+
+
+def _mean_image(task: tuple) -> np.ndarray:
+    noisy, sigma, seed = task
+    return posterior_mean(noisy, sigma, seed=seed).mean
+
+
+def posterior_means(tasks: list) -> list:
+    """``posterior_mean(noisy, sigma, seed=seed).mean`` for each (noisy, sigma, seed) of ``tasks``, in order,
+    a process per core: the runs are independent and single-threaded."""
+    workers = min(len(tasks), os.cpu_count() or 1)
+    if workers < 2:
+        return [_mean_image(task) for task in tasks]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(pool.map(_mean_image, tasks))
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
