@@ -37,6 +37,7 @@ h-space, 4 seeds, the two largest alphas per sign, example pairs for two factors
 site, one face for the oracle.
 """
 import hashlib
+import inspect
 import json
 import os
 import time
@@ -76,8 +77,10 @@ PICTURE = Path(__file__).resolve().parent / "semantics.jpg"
 QUICK_PICTURE = Path(__file__).resolve().parent.parent / ".cache" / "semantics-quick.jpg"  # not the README's
 RANDOM = {"attention": "random-attention", "hspace": "random-hspace"}
 SWEEP_CACHE = REPO / ".cache" / "bench-semantics"
-SOURCES = ("__init__.py", "directions/*.py", "nodes/**/*.py", "harness/**/*.py", "benchmarks/bench_semantics.py",
-           "benchmarks/measures.py", "benchmarks/common.py", "world/*.py", "world/*.safetensors")
+# what a sweep runs: Apply Direction, the Asyrp Sampler, the host access, the world and its loader, the statistics
+SWEEP_SOURCES = ("directions/apply.py", "directions/asyrp.py", "directions/directionset.py", "nodes/apply.py",
+                 "nodes/asyrp.py", "nodes/common.py", "nodes/host/*.py", "harness/**/*.py", "benchmarks/measures.py",
+                 "world/faces.py", "world/model.py", "world/regressor.py", "world/*.safetensors")
 
 
 def family(site: str) -> str:
@@ -376,16 +379,18 @@ class Results:
 
 class SweepCache:
     """Each direction's measured slopes on disk (JSON), keyed by the direction, its site, the alphas and seeds,
-    and every file the result depends on (the pack's, the harness's, this benchmark's and the world's sources
-    and weights, the host's folder, torch's version): a full run that stops continues where it stopped, and a
-    change anywhere starts afresh."""
+    and everything a sweep runs (SWEEP_SOURCES, the weights, this file's sampling and measuring functions, the
+    host's folder, torch's version): a full run that stops continues where it stopped when run again, and a
+    change to any of it starts afresh."""
 
     def __init__(self, folder: Path = SWEEP_CACHE):
         import comfy.sample
         digest = hashlib.sha256(f"{torch.__version__} {Path(comfy.sample.__file__).resolve().parent}".encode())
-        for path in sorted({path for pattern in SOURCES for path in REPO.glob(pattern)}):
+        for path in sorted({path for pattern in SWEEP_SOURCES for path in REPO.glob(pattern)}):
             digest.update(path.relative_to(REPO).as_posix().encode())
             digest.update(path.read_bytes())
+        for function in (World, sampler_of, measure_direction, preservation, owned_pixels, psnr):
+            digest.update(inspect.getsource(function).encode())
         self.version, self.folder = digest.hexdigest(), folder
 
     def path(self, site: str, vector: torch.Tensor, alphas, seeds: int) -> Path:
