@@ -286,13 +286,13 @@ def pair_set(world, dset_module, model_entry: dict, faces: int, factors: tuple, 
                     "pair-matched" if matched else "pair")
 
 
-def invert(world, pixels: np.ndarray, chunk: int = 48) -> torch.Tensor:
-    """uint8 images [N, 32, 32, 3] -> their x_T [N, 3, 32, 32] by the pack's DDIM Invert (refine 2), ``chunk``
-    images a call (larger batches run faster per image on the CPU up to about 48)."""
-    node = world.registry["DDIMInvert"]()
-    images = torch.from_numpy(pixels).float() / 255
-    return torch.cat([node.invert(world.model, {"samples": world.vae.encode(images[i:i + chunk])}, STEPS, "normal",
-                                  1.0, 2, world.conditioning)[0]["samples"] for i in range(0, len(images), chunk)])
+def invert(world, pixels: np.ndarray) -> torch.Tensor:
+    """uint8 images [N, 32, 32, 3] -> their x_T [N, 3, 32, 32] by the pack's DDIM Invert (refine 2), MODEL_BATCH
+    images a call."""
+    node, images = world.registry["DDIMInvert"](), torch.from_numpy(pixels).float() / 255
+    return torch.cat([node.invert(world.model, {"samples": world.vae.encode(images[i:i + MODEL_BATCH])}, STEPS,
+                                  "normal", 1.0, 2, world.conditioning)[0]["samples"]
+                      for i in range(0, len(images), MODEL_BATCH)])
 
 
 def inverted(world, count: int):
