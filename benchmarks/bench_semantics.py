@@ -288,7 +288,8 @@ def pair_set(world, dset_module, model_entry: dict, faces: int, factors: tuple, 
 
 def invert(world, pixels: np.ndarray) -> torch.Tensor:
     """uint8 images [N, 32, 32, 3] -> their x_T [N, 3, 32, 32] by the pack's DDIM Invert (refine 2), MODEL_BATCH
-    images a call."""
+    images a call (refinement stops on a call's worst residual, so which images share a call can move the last
+    digits)."""
     node, images = world.registry["DDIMInvert"](), torch.from_numpy(pixels).float() / 255
     return torch.cat([node.invert(world.model, {"samples": world.vae.encode(images[i:i + MODEL_BATCH])}, STEPS,
                                   "normal", 1.0, 2, world.conditioning)[0]["samples"]
@@ -378,34 +379,61 @@ class Results:
 
 
 class SweepCache:
-    """Each direction's measured slopes on disk (JSON), keyed by the direction, its site, the alphas and seeds,
-    and everything a sweep runs (SWEEP_SOURCES, the weights, this file's sampling and measuring functions, the
-    host's folder, torch's version): a full run that stops continues where it stopped when run again, and a
-    change to any of it starts afresh."""
+    """Each direction's measured slopes on disk (JSON), keyed by the shift Apply Direction adds, its site, the
+    alphas and seeds, and what a sweep runs and on what: SWEEP_SOURCES (the weights among them), this file's
+    sampling and measuring functions, MODEL_BATCH (batches change the last digits), the device and dtype the
+    model runs in, the host's version and folder, torch's, numpy's and PIL's versions. A full run that stops
+    continues where it stopped when run again; a change to any of these starts afresh. ``hits`` counts the
+    sweeps read back."""
 
-    def __init__(self, folder: Path = SWEEP_CACHE):
+    def __init__(self, world, folder: Path = SWEEP_CACHE):
         import comfy.sample
-        digest = hashlib.sha256(f"{torch.__version__} {Path(comfy.sample.__file__).resolve().parent}".encode())
+        import PIL
+        host = Path(comfy.sample.__file__).resolve().parent.parent
+        digest = hashlib.sha256(" ".join(map(str, (
+            host, (host / "comfyui_version.py").read_text(), torch.__version__, np.__version__, PIL.__version__,
+            MODEL_BATCH, world.model.load_device, world.model.model_dtype()))).encode())
         for path in sorted({path for pattern in SWEEP_SOURCES for path in REPO.glob(pattern)}):
             digest.update(path.relative_to(REPO).as_posix().encode())
             digest.update(path.read_bytes())
         for function in (World, sampler_of, measure_direction, preservation, owned_pixels, psnr):
             digest.update(inspect.getsource(function).encode())
-        self.version, self.folder = digest.hexdigest(), folder
+        self.version, self.folder, self.hits = digest.hexdigest(), folder, 0
 
-    def path(self, site: str, vector: torch.Tensor, alphas, seeds: int) -> Path:
+    def path(self, dset, site: str, index: int, alphas, seeds: int) -> Path:
+        from semantic_directions.nodes.apply import shift_unit
         digest = hashlib.sha256(f"{self.version} {site} {tuple(alphas)} {seeds} {STEPS} {BASE_SEED}".encode())
-        digest.update(vector.detach().float().contiguous().cpu().numpy().tobytes())
+        digest.update(shift_unit(dset, site, index).detach().float().contiguous().cpu().numpy().tobytes())
         return self.folder / f"{digest.hexdigest()}.json"
+
+    def read(self, path: Path):
+        """(per-seed slopes, record) stored at ``path``, or None (absent, or cut short by a crash)."""
+        try:
+            saved = json.loads(path.read_text())
+            found = np.asarray(saved["per_seed"], np.float64), saved["record"]
+        except (OSError, ValueError, KeyError):
+            return None
+        self.hits += 1
+        return found
+
+    @staticmethod
+    def write(path: Path, per_seed: np.ndarray, record: dict):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".partial")
+        with partial.open("w") as file:
+            json.dump({"per_seed": per_seed.tolist(), "record": record}, file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(partial, path)
 
 
 def measure_direction(world, dset, site, index, base_images, base_factors, alphas, cache: SweepCache | None = None):
     """(per-seed slopes [S, 7], the direction's record) from one sweep through Apply Direction, or from
     ``cache`` where this sweep was measured before."""
-    stored = cache.path(site, dset.sites[site].vectors[index], alphas, world.seeds) if cache else None
-    if stored is not None and stored.is_file():
-        saved = json.loads(stored.read_text())
-        return np.asarray(saved["per_seed"], np.float64), {**saved["record"], "index": index}
+    stored = cache.path(dset, site, index, alphas, world.seeds) if cache else None
+    found = cache.read(stored) if stored is not None else None
+    if found is not None:
+        return found[0], {**found[1], "index": index}
     images = world.sweep(alphas, (dset, index, site), sampler_of(world, site))
     per_seed = seed_slopes(base_factors, world.factors(images), alphas)
     slope = per_seed.mean(0)
@@ -415,10 +443,7 @@ def measure_direction(world, dset, site, index, base_images, base_factors, alpha
               "slopes": [round(float(s), 4) for s in slope],
               "preservation_db": preservation(base_images, base_factors, images, slope, alphas)}
     if stored is not None:
-        stored.parent.mkdir(parents=True, exist_ok=True)
-        partial = stored.with_suffix(".partial")
-        partial.write_text(json.dumps({"per_seed": per_seed.tolist(), "record": record}))
-        os.replace(partial, stored)
+        cache.write(stored, per_seed, record)
     return per_seed, record
 
 
@@ -523,7 +548,7 @@ def main():
                                           "random-attention")
     sets["random-hspace"] = random_set(dset_module, model_entry, {"h_space": sets["hspace-pca"].sites["h_space"].width},
                                        plan["hspace"], 2, "random-hspace")
-    results, cache = Results(), None if args.quick else SweepCache()
+    results, cache = Results(), None if args.quick else SweepCache(world)
 
     def measure_all(method, dset):
         for site, directions in dset.sites.items():
@@ -632,7 +657,8 @@ def main():
         "methods": methods, "pair_named": pair_named["pair"], "pair_matched_named": pair_named.get("pair-matched"),
         "sites": sites,
         "jacobian_at_least_whitened_sites": [sum(s.get("jacobian_over_whitened", 0) >= 1 for s in sites.values()),
-                                              sum("jacobian_over_whitened" in s for s in sites.values())], "picture": str(picture_path), "timings_s": timings,
+                                              sum("jacobian_over_whitened" in s for s in sites.values())],
+        "picture": str(picture_path), "timings_s": timings, "sweeps_from_cache": cache.hits if cache else 0,
     }, args.json)
 
 

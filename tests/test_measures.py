@@ -142,7 +142,8 @@ def test_the_ceilings_gradient_is_the_slope_apply_direction_produces(host, site)
 
 def test_a_cached_sweep_reads_back_equal_without_sampling_again(host, tmp_path):
     """A full run's SweepCache: a direction measured once is read back with the same slopes and record (its
-    index as asked) and without sampling; another direction or other alphas are other entries."""
+    index as asked) and without sampling; another direction, other alphas or seeds are other entries; an entry
+    cut short by a crash is measured again."""
     from benchmarks.bench_semantics import SweepCache, World, measure_direction, unit_set
     from semantic_directions.directions import directionset
     from semantic_directions.nodes.host import made_for
@@ -153,16 +154,19 @@ def test_a_cached_sweep_reads_back_equal_without_sampling_again(host, tmp_path):
     width = world.model.model.diffusion_model.get_submodule(site).to_q.in_features
     vectors = np.random.default_rng(3).standard_normal((2, width))
     dset = unit_set(directionset, made_for(world.model), {site: vectors}, "test")
-    cache = SweepCache(tmp_path)
+    cache = SweepCache(world, tmp_path)
     slopes, record = measure_direction(world, dset, site, 0, base_images, base_factors, alphas, cache)
-    assert len(list(tmp_path.glob("*.json"))) == 1
+    stored = list(tmp_path.glob("*.json"))
+    assert len(stored) == 1 and cache.hits == 0
 
     def no_sampling(*args, **kwargs):
         raise AssertionError("a cached sweep was sampled again")
     world.sweep = no_sampling
     again, again_record = measure_direction(world, dset, site, 0, base_images, base_factors, alphas, cache)
     np.testing.assert_array_equal(again, slopes)
-    assert again_record == record
-    first = dset.sites[site].vectors
-    assert len({cache.path(site, first[0], alphas, 2), cache.path(site, first[1], alphas, 2),
-                cache.path(site, first[0], (-0.25, 0.25), 2), cache.path(site, first[0], alphas, 3)}) == 4
+    assert again_record == record and cache.hits == 1
+    assert len({cache.path(dset, site, 0, alphas, 2), cache.path(dset, site, 1, alphas, 2),
+                cache.path(dset, site, 0, (-0.25, 0.25), 2), cache.path(dset, site, 0, alphas, 3)}) == 4
+    stored[0].write_text(stored[0].read_text()[:20])  # cut short by a crash: measured again, not an error
+    world.sweep = World.sweep.__get__(world)
+    assert measure_direction(world, dset, site, 0, base_images, base_factors, alphas, cache)[1] == record

@@ -102,7 +102,7 @@ def _mean_image(task: tuple) -> np.ndarray:
 def posterior_means(tasks: list) -> list:
     """``posterior_mean(noisy, sigma, seed=seed).mean`` for each (noisy, sigma, seed) of ``tasks``, in order,
     a process per core: the runs are independent and single-threaded."""
-    workers = min(len(tasks), os.cpu_count() or 1)
+    workers = min(len(tasks), len(os.sched_getaffinity(0)))
     if workers < 2:
         return [_mean_image(task) for task in tasks]
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
