@@ -5,7 +5,8 @@ BATCH images, STEPS ddim steps at cfg CFG (two model rows per image and step), h
 - ``pca``: Directions From Samples (one sampling of the batch);
 - ``pair``: Direction From Prompt Pair (two samplings of the batch, one per prompt);
 - ``jacobian``: Directions From Image (Jacobian) for one image at h-space, its defaults (cfg 1, 1280
-  channels: one forward-mode model row per channel, in chunks).
+  channels, count 8): blocks of 14 forward-mode and 14 reverse-mode model rows until the Krylov iteration
+  stops (forming J would take 1280 forward-mode rows).
 
 Each reports its seconds and its model evaluations (UNet rows: one model call for one image, counted
 at the UNet), beside one plain sampling of the same batch timed in the same run, so the ratio says

@@ -197,10 +197,11 @@ def _best_time(function, repeats: int = 5) -> float:
 
 
 def top_right_singular(apply, apply_t, width: int, count: int, like: torch.Tensor,
-                       tolerance: float = RESIDUAL_TOLERANCE, seed: int = 0, draft=None):
+                       tolerance: float = RESIDUAL_TOLERANCE, seed: int = 0, draft=None,
+                       exact_width: int = EXACT_SVD_MAX_WIDTH, blocks_per_check: int = BLOCKS_PER_CHECK):
     """The ``count`` top right singular vectors (rows, [count, width]) and values of an operator.
 
-    Narrow operators are formed and decomposed exactly. Otherwise block Krylov iteration on A^T A
+    Operators at most ``exact_width`` wide are formed and decomposed exactly. Otherwise block Krylov iteration on A^T A
     grows an orthonormal basis a block at a time and takes Rayleigh-Ritz pairs (theta_i, v_i) from
     it, stopping on a measured criterion: every pair's residual |A^T A v_i - theta_i v_i| is at most
     ``tolerance`` * theta_i, so an eigenvalue of A^T A lies within that fraction of each theta_i
@@ -211,23 +212,24 @@ def top_right_singular(apply, apply_t, width: int, count: int, like: torch.Tenso
     start the iteration with (apply, apply_t), which checks the rule on the operator itself. A basis
     that would pass half the width is abandoned for the exact decomposition. The start block is
     drawn from ``seed`` on the CPU, so the result does not depend on the device's random
-    generator. ``like`` gives the device and dtype the operator works in.
+    generator. ``like`` gives the device and dtype the operator works in. ``blocks_per_check``: blocks
+    added between checks after the first (more where a check costs as much as a block's products).
     """
     device, dtype = like.device, like.dtype
     count = min(count, width)
     block = count + OVERSAMPLE
-    if width <= EXACT_SVD_MAX_WIDTH or 2 * block > width // 2:
+    if width <= exact_width or 2 * block > width // 2:
         return _exact(apply, width, count, device, dtype)
     start = torch.randn(width, block, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
     for operator in ([draft] if draft is not None else []) + [(apply, apply_t)]:
-        found = _block_krylov(*operator, start, count, tolerance)
+        found = _block_krylov(*operator, start, count, tolerance, blocks_per_check)
         if found is None:
             return _exact(apply, width, count, device, dtype)
         start, values = found
     return fix_signs(start[:, :count].T), values[:count].sqrt()
 
 
-def _block_krylov(apply, apply_t, start: torch.Tensor, count: int, tolerance: float):
+def _block_krylov(apply, apply_t, start: torch.Tensor, count: int, tolerance: float, blocks_per_check: int):
     """Block Krylov on A^T A from ``start`` [width, block] until the top ``count`` Ritz pairs meet the
     residual rule: (the top ``block`` Ritz vectors [width, block], their values), or None once the
     basis would pass half the width. The Gram matrix Q^T A^T A Q grows a block at a time."""
@@ -243,7 +245,7 @@ def _block_krylov(apply, apply_t, start: torch.Tensor, count: int, tolerance: fl
         residual = products @ coefficients[:, :count] - ritz[:, :count] * values[:count]
         if (residual.norm(dim=0) <= tolerance * values[:count]).all():
             return ritz, values
-        for _ in range(1 if basis.shape[1] == block else BLOCKS_PER_CHECK):
+        for _ in range(1 if basis.shape[1] == block else blocks_per_check):
             if basis.shape[1] + block > width // 2:
                 return None
             grown = products[:, -block:]

@@ -1,4 +1,6 @@
 """Directions From Image (Jacobian): the shifts at a site that change one image's denoised prediction most."""
+import logging
+
 import torch
 import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
@@ -10,23 +12,26 @@ import comfy.samplers
 import comfy.utils
 
 from ..directions.apply import image_scales
+from ..directions.attention import OVERSAMPLE
 from ..directions.directionset import ATTN1, DIT, HSPACE, DirectionSet, SiteDirections, site_kind
-from ..directions.jacobian import jacobian_directions
+from ..directions.jacobian import EXACT_WIDTH, jacobian_directions
 from . import host
 from .apply import as_mask_batch
 from .common import CATEGORY, DIRECTIONS, finite
 from .samples import SITE_TOOLTIP, checked_latent
 
-CHUNK = 16  # Jacobian columns per batched model call
+FORWARD_CHUNK = 16  # forward-mode rows per model call (they keep no activations)
+REVERSE_CHUNK = 4  # reverse-mode rows per model call: each keeps its activations for the backward pass
 
 
-class TangentShift:
-    """attn1_patch, output_block_patch and a transformer site's hook: add to each image row of the batch a zero
-    shift at the site, in Apply Direction's units (the image's RMS token norm, averaged over its rows), whose
-    forward-mode tangent is that image's basis vector; the model's output tangent is then J times it."""
+class DerivativeShift:
+    """attn1_patch, output_block_patch and a transformer site's hook: add to each image row of the batch its
+    row of ``shifts`` [rows, C] at the site, in Apply Direction's units (the image's RMS token norm, averaged
+    over its rows). The shifts are zero and carry the derivative: forward-mode tangents (the output's tangent
+    is then J times them) or a leaf whose gradient the backward pass fills (J^T times the output's weights)."""
 
     def __init__(self, site: str):
-        self.site, self.tangents = site, None
+        self.site, self.shifts = site, None
         self.block = host.block_key(site) if site_kind(site) == ATTN1 else None
 
     def __deepcopy__(self, memo):
@@ -44,16 +49,15 @@ class TangentShift:
         return rearrange(tokens, "b (h w) c -> b c h w", h=h.shape[-2]), hsp
 
     def transformer_input(self, site):
-        """A transformer site's hook: the same zero shift, carried into the q, k and v rows of its linear's output
-        through the linear's own image of the tangent (tokens other than the latent's image tokens stay)."""
+        """A transformer site's hook: the same shift, carried into the q, k and v rows of its linear's output
+        through the linear's own image of it (tokens other than the latent's image tokens stay)."""
         def shift(call, x, out, image_of, rows):
             if not host.has_batch_keys(call.options, grid=False):
                 return out
             tokens = host.dit.image_token_range(site, call)
             batch = host.batch_rows(call.options, x.shape[0], host.PASSES["both"])
             scale = image_scales(x[:, tokens], batch).to(x.dtype)
-            tangents = self.tangents.to(x.device, x.dtype)[batch.image.to(x.device)]
-            moved = image_of(forward_ad.make_dual(torch.zeros_like(tangents), tangents) * scale[:, None])[:, :rows]
+            moved = image_of(self.rows(batch, x) * scale[:, None])[:, :rows]
             count = tokens.stop - tokens.start
             return out + F.pad(moved[:, None, :].expand(-1, count, -1),
                                (0, out.shape[-1] - rows, tokens.start, out.shape[1] - tokens.stop))
@@ -62,38 +66,122 @@ class TangentShift:
     def shifted(self, tokens, options):
         rows = host.batch_rows(options, tokens.shape[0], host.PASSES["both"])
         scale = image_scales(tokens, rows).to(tokens.dtype)
-        tangents = self.tangents.to(tokens.device, tokens.dtype)[rows.image.to(tokens.device)]
-        shift = forward_ad.make_dual(torch.zeros_like(tangents), tangents)
-        return tokens + (scale[:, None] * shift)[:, None, :]
+        return tokens + (scale[:, None] * self.rows(rows, tokens))[:, None, :]
+
+    def rows(self, batch, like):
+        """Each batch row's shift, on ``like``'s device and dtype (differentiably)."""
+        return self.shifts.to(like.device, like.dtype)[batch.image.to(like.device)]
+
+
+class ReverseModeFailed(RuntimeError):
+    """Autograd refused a reverse pass through the model (or ran out of memory): J is formed instead."""
 
 
 class JacobianRun(comfy.samplers.Sampler):
     """Inside the host's guider (conditioning, CFG, model loading): the image noised to the schedule's sigma,
-    then the Jacobian's columns a chunk at a time; returns the latent unchanged."""
+    then ``solve(apply, apply_t, width)`` with products with the prediction's Jacobian J, J v (forward mode)
+    and J^T u (reverse mode; None where the model refuses it: J is then formed), its result kept in ``found``;
+    returns the latent unchanged."""
 
-    def __init__(self, patch: TangentShift, width: int, progress):
-        self.patch, self.width, self.progress, self.columns = patch, width, progress, None
+    def __init__(self, patch: DerivativeShift, width: int, solve, progress):
+        self.patch, self.width, self.solve, self.progress = patch, width, solve, progress
+        self.found, self.model_rows = None, {"forward": 0, "reverse": 0}
+        self.chunk = {"forward": FORWARD_CHUNK, "reverse": REVERSE_CHUNK}
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
         sampling = model_wrap.inner_model.model_sampling
         x = sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
-        columns = []
-        for start in range(0, self.width, CHUNK):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            chunk = torch.eye(self.width)[start:start + CHUNK]
-            self.patch.tangents = chunk
-            batch = x.expand(len(chunk), *x.shape[1:]).contiguous()
+
+        def predict(shifts):
+            """The prediction [rows, m] in the latent's units, each batch row shifted by its row of ``shifts``."""
+            self.patch.shifts = shifts
+            batch = x.expand(len(shifts), *x.shape[1:]).contiguous()
+            out = model_wrap(batch, sigmas[0] * batch.new_ones(len(shifts)),
+                             model_options=extra_args["model_options"], seed=extra_args.get("seed"))
+            return in_latent_units(model_wrap.inner_model, out).flatten(1)
+
+        def forward(chunk):  # [p, C] -> (J chunk^T)^T, [p, m]
             with forward_ad.dual_level():
-                out = model_wrap(batch, sigmas[0] * batch.new_ones(len(chunk)),
-                                 model_options=extra_args["model_options"], seed=extra_args.get("seed"))
-                tangent = forward_ad.unpack_dual(out).tangent
-            if tangent is None:
-                raise ValueError(f"site: {self.patch.site} did not reach the model's output (is it used by this model?)")
-            columns.append(in_latent_units(model_wrap.inner_model, tangent).flatten(1).float().cpu())
-            self.progress.update(1)
-        self.columns = torch.cat(columns).T  # [outputs, width]
+                tangent = forward_ad.unpack_dual(predict(forward_ad.make_dual(torch.zeros_like(chunk), chunk))).tangent
+            return self.reached(tangent).float().cpu()
+
+        def reverse(chunk):  # [p, m] -> (J^T chunk^T)^T, [p, C]
+            shifts = torch.zeros(len(chunk), self.width, requires_grad=True)
+            try:
+                with torch.enable_grad(), host.differentiable(model_wrap.inner_model):
+                    out = predict(shifts)
+                    gradient, = torch.autograd.grad(out, shifts, chunk.to(out.device, out.dtype), allow_unused=True)
+            except torch.OutOfMemoryError:
+                raise
+            except RuntimeError as error:  # autograd refusing the model's tensors
+                raise ReverseModeFailed(str(error).splitlines()[0]) from error
+            return self.reached(gradient).float()
+
+        def apply(vectors):  # [C, p] -> J vectors, [m, p]
+            return self.products(vectors, "forward", forward)
+
+        def apply_t(outputs):  # [m, p] -> J^T outputs, [C, p]
+            return self.products(outputs, "reverse", reverse)
+        try:
+            self.found = self.solve(apply, apply_t, self.width)
+        except ReverseModeFailed as failure:
+            logging.warning("Directions From Image: reverse-mode derivatives failed through this model (%s); forming "
+                            "the Jacobian in forward mode instead, a model row per channel", failure)
+            self.found = self.solve(apply, None, self.width)
         return latent_image
+
+    def products(self, columns, mode: str, product):
+        """``product`` of each chunk of the rows of ``columns``^T, as columns again: a chunk a model call, counting
+        the rows, advancing the bar and stopping on cancel. Where a reverse pass runs out of memory its chunk
+        halves; at one row a call, J is formed in forward mode instead."""
+        rows, done, start = columns.T, [], 0
+        while start < len(rows):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            chunk = rows[start:start + self.chunk[mode]]
+            try:
+                done.append(product(chunk))
+            except torch.OutOfMemoryError:
+                if mode == "forward":
+                    raise
+                if len(chunk) == 1:
+                    raise ReverseModeFailed("out of memory at one row a call") from None
+                self.chunk[mode] = len(chunk) // 2
+                logging.info("Directions From Image: out of memory in a reverse pass; %d rows a call from now",
+                             self.chunk[mode])
+                comfy.model_management.soft_empty_cache()
+                continue
+            start += len(chunk)
+            self.model_rows[mode] += len(chunk)
+            self.progress.advance(len(chunk))
+        return torch.cat(done).T
+
+    def reached(self, derivative):
+        if derivative is None:
+            raise ValueError(f"site: {self.patch.site} did not reach the model's output (is it used by this model?)")
+        return derivative
+
+
+class RowProgress:
+    """The host's bar in model rows. How many blocks of products the iteration takes is known only when it
+    stops, so the total is an estimate, raised when passed, and the bar completes when the node does."""
+
+    def __init__(self, estimate: int):
+        self.bar, self.done, self.total = comfy.utils.ProgressBar(estimate), 0, estimate
+
+    def advance(self, rows: int):
+        self.done += rows
+        self.total = max(self.total, self.done + 1)
+        self.bar.update_absolute(self.done, self.total)
+
+    def finish(self):
+        self.bar.update_absolute(self.total, self.total)
+
+
+def expected_rows(width: int, count: int) -> int:
+    """Model rows a site usually costs: the formed Jacobian's columns, or about four Krylov blocks of forward-
+    and reverse-mode products (docs/math.md, section 'Jacobian directions')."""
+    return width if width <= EXACT_WIDTH else 8 * (count + OVERSAMPLE)
 
 
 def in_latent_units(model, tangent):
@@ -106,8 +194,9 @@ class DirectionsFromImage:
     DESCRIPTION = (
         "Directions for one image: the shifts at a site that change the model's denoised prediction of this image "
         "most, at one point of the schedule (the top right singular vectors of that change's Jacobian, from the "
-        "host's own model by forward-mode derivatives). With a mask, the change inside the mask counts (localised "
-        "edits). Gains: the change of the prediction per unit alpha. Costs one model row per channel of the site.")
+        "host's own model, by products with the Jacobian in forward and reverse mode, never forming it). With a mask, "
+        "the change inside the mask counts (localised edits). Gains: the change of the prediction per unit alpha. "
+        "Costs a few blocks of count + 6 forward-mode and as many reverse-mode model rows per site.")
     CATEGORY = CATEGORY
     FUNCTION = "directions"
     RETURN_TYPES = (DIRECTIONS,)
@@ -142,36 +231,54 @@ class DirectionsFromImage:
         finite("cfg", cfg)
         samples = latent["samples"][:1]
         sites = host.select_layers(host.site_paths(model), site, input_name="site")
-        widths, blocks = host.site_widths(model), host.dit.sites(model)
-        if HSPACE in sites:
-            widths[HSPACE] = host.hspace_width(model)
+        widths = site_widths(model, sites)
         weights = None if mask is None else latent_weights(as_mask_batch(mask)[:1], samples.shape)
         if weights is not None and not weights.any():
             raise ValueError("mask: it is empty at the latent's resolution; paint the region the edit should change")
         sampling = host.model_sampling(model)
         sigmas = torch.tensor([float(sampling.percent_to_sigma(percent)), 0.0])
-        noise = comfy.sample.prepare_noise(samples, seed)
-        progress = comfy.utils.ProgressBar(sum(-(-widths[s] // CHUNK) for s in sites))
+        progress = RowProgress(sum(expected_rows(widths[s], count) for s in sites))
+
+        def solve(apply, apply_t, width):
+            return jacobian_directions(apply, apply_t, width, count, weights)
         found = {}
         for name in sites:
-            patch = TangentShift(name)
-            patched = model.clone()
-            if site_kind(name) == ATTN1:
-                patched.set_model_attn1_patch(patch.attention_input)
-            elif site_kind(name) == DIT:
-                host.dit.add_shifts(patched, [(blocks[name], patch.transformer_input(blocks[name]))])
-            else:
-                patched.set_model_output_block_patch(patch.middle_output)
-            run = JacobianRun(patch, widths[name], progress)
-            guider = comfy.samplers.CFGGuider(patched)
-            guider.set_conds(positive, negative)
-            guider.set_cfg(cfg)
-            with torch.inference_mode(False), torch.no_grad():  # forward-mode derivatives need neither
-                guider.sample(noise, samples, run, sigmas, seed=seed, disable_pbar=True)
-            vectors, gains = jacobian_directions(run.columns, count, weights)
-            found[name] = SiteDirections(vectors, gains)
+            run = with_jacobian(model, positive, negative, samples, seed, sigmas, cfg, name, solve, progress)
+            found[name] = SiteDirections(*run.found)
+            logging.info("Directions From Image at %s: %d forward-mode and %d reverse-mode model rows", name,
+                         run.model_rows["forward"], run.model_rows["reverse"])
+        progress.finish()
         params = {"site": site, "percent": percent, "seed": seed, "cfg": cfg, "count": count, "masked": mask is not None}
         return (DirectionSet(sites=found, method="jacobian", params=params, model=host.made_for(model)),)
+
+
+def site_widths(model, sites) -> dict:
+    widths = host.site_widths(model)
+    if HSPACE in sites:
+        widths[HSPACE] = host.hspace_width(model)
+    return widths
+
+
+def with_jacobian(model, positive, negative, samples, seed: int, sigmas, cfg: float, site: str, solve,
+                  progress) -> JacobianRun:
+    """Runs ``solve(apply, apply_t, width)`` on the Jacobian at ``site`` of the model's prediction for the image
+    ``samples`` [1, ...] noised with ``seed`` to sigmas[0], inside the host's guider; the finished run."""
+    patch = DerivativeShift(site)
+    patched = model.clone()
+    if site_kind(site) == ATTN1:
+        patched.set_model_attn1_patch(patch.attention_input)
+    elif site_kind(site) == DIT:
+        block = host.dit.sites(model)[site]
+        host.dit.add_shifts(patched, [(block, patch.transformer_input(block))])
+    else:
+        patched.set_model_output_block_patch(patch.middle_output)
+    run = JacobianRun(patch, site_widths(model, [site])[site], solve, progress)
+    guider = comfy.samplers.CFGGuider(patched)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    with torch.inference_mode(False), torch.no_grad():  # the reverse products enable grad for themselves
+        guider.sample(comfy.sample.prepare_noise(samples, seed), samples, run, sigmas, seed=seed, disable_pbar=True)
+    return run
 
 
 def latent_weights(mask: torch.Tensor, shape) -> torch.Tensor:

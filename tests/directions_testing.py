@@ -1,4 +1,4 @@
-"""Helpers for library tests: sample direction sets."""
+"""Helpers for the tests: sample direction sets, float32 comparisons, the Jacobian node's products."""
 import torch
 
 from semantic_directions.directions.directionset import DirectionSet, SiteDirections, model_fingerprint
@@ -36,3 +36,25 @@ def assert_float32_close(actual: torch.Tensor, expected: torch.Tensor, ulps: flo
         scale = max(actual.detach().abs().max().item(), expected.detach().abs().max().item())
     worst = (actual.double() - expected.double()).abs().max().item()
     assert worst <= ulps * FLOAT32_EPS * scale, f"differ by {worst:.3g}, more than {ulps} float32 ulps of {scale:.3g}"
+
+
+def assert_reverse_products_transpose_forward_ones(model, positive, negative, samples, site: str, cfg: float = 1.0):
+    """Directions From Image's products with the Jacobian at ``site``: U^T (J V) from forward mode equals
+    (J^T U)^T V from reverse mode, for random V and U, on the host's own model inside its guider (the
+    reverse pass through weights the host may have loaded in inference mode)."""
+    from semantic_directions.nodes.host import model_sampling
+    from semantic_directions.nodes.jacobian import RowProgress, site_widths, with_jacobian
+    width = site_widths(model, [site])[site]
+    generator = torch.Generator().manual_seed(5)
+
+    def solve(apply, apply_t, width):
+        vectors = torch.randn(width, 3, generator=generator)
+        forward = apply(vectors)
+        outputs = torch.randn(forward.shape[0], 5, generator=generator)
+        return outputs.T @ forward, apply_t(outputs).T @ vectors
+    sigmas = torch.tensor([float(model_sampling(model).percent_to_sigma(0.3)), 0.0])
+    forward, reverse = with_jacobian(model, positive, negative, samples, 3, sigmas, cfg, site, solve,
+                                     RowProgress(8)).found
+    assert forward.abs().max() > 0
+    # sums of a few thousand float32 products either way: agreement to float32 rounding of their size
+    assert_float32_close(reverse, forward, ulps=2 ** 10)

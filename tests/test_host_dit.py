@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+from directions_testing import assert_reverse_products_transpose_forward_ones
 from semantic_directions.directions.attention import (AttentionWeights, attention_directions, shift_jacobian,
                                                       shift_operator)
 
@@ -612,6 +613,13 @@ def test_pca_and_the_jacobian_at_a_transformer_site(flux_kit, host):
     values = torch.linalg.svdvals(torch.stack(columns, dim=1))
     # central differences at step 1e-3 in float32: errors ~1e-4 relative, inside the 1% asked
     assert float(found.gains[0]) == pytest.approx(float(values[0]), rel=1e-2)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_the_jacobians_reverse_products_are_its_forward_ones_transposed_at_transformer_sites(flux_kit, which):
+    samples = torch.randn(1, *flux_kit.latent_shape, generator=torch.Generator().manual_seed(9))
+    assert_reverse_products_transpose_forward_ones(flux_kit.model, text(1), text(2), samples,
+                                                   flux_kit.sites[which][0], cfg=2.0)
 
 
 def test_asyrp_sampler_takes_flux_attention_edits(flux_kit, host):

@@ -1,9 +1,11 @@
 """Directions from samples and pairs on the tiny UNet, through the host's own sampling."""
+import logging
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from directions_testing import orthonormal
+from directions_testing import assert_reverse_products_transpose_forward_ones, orthonormal
 from semantic_directions.directions.directionset import DirectionSet, SiteDirections, describe
 from semantic_directions.nodes.host import made_for
 
@@ -142,8 +144,10 @@ def test_progress_and_cancel(host, kit):
         pca(pca_node, model)
         assert updates[-1] == (4, 4)
         jacobian = host.nodes.NODE_CLASS_MAPPINGS["DirectionsFromImage"]()
+        updates.clear()
         jacobian.directions(model, conditioning(1), conditioning(2), latent(1), 0, 0.3, 1.0, "h_space", 2)
-        assert updates[-1] == (8, 8)  # 128 channels in chunks of 16
+        rows = [value for value, _ in updates[:-1]]  # model rows as the chunks finish, then the bar completes
+        assert len(rows) > 2 and rows == sorted(rows) and updates[-1][0] == updates[-1][1] >= rows[-1]
         comfy.model_management.interrupt_current_processing(True)
         with pytest.raises(comfy.model_management.InterruptProcessingException):
             pca(pca_node, model)
@@ -237,6 +241,54 @@ def test_jacobian_directions_match_finite_differences_of_the_host_model(host, ki
             assert float(cosines.min()) >= 0.99, (k, cosines)
 
 
+@pytest.mark.parametrize("site, cfg", [("h_space", 1.0), (SITE_7, 1.0), (SITE_7, 4.0)])
+def test_the_jacobians_reverse_products_are_its_forward_ones_transposed(kit, site, cfg):
+    image = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))}
+    assert_reverse_products_transpose_forward_ones(kit[0], conditioning(1), conditioning(2), image["samples"], site, cfg)
+
+
+def test_a_model_refusing_reverse_mode_gets_its_jacobian_formed(host, kit, caplog):
+    """A patch holding a tensor made in inference mode (another pack's, say) on the gradient's path: autograd
+    refuses to save it, so the node forms J in forward mode and says so, and the directions are still right."""
+    with torch.inference_mode():
+        scale = torch.full((1,), 1.5)
+    model = kit[0].clone()
+    model.set_model_output_block_patch(lambda h, hsp, options: (h * scale, hsp))
+    node = host.nodes.NODE_CLASS_MAPPINGS["DirectionsFromImage"]()
+    image = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))}
+    with caplog.at_level(logging.WARNING):
+        found = node.directions(model, conditioning(1), conditioning(2), image, 3, 0.3, 1.0, "h_space", 2)[0]
+    assert "reverse-mode derivatives failed through this model (Inference tensors cannot be saved" in caplog.text
+    sigma = float(model.get_model_object("model_sampling").percent_to_sigma(0.3))
+    values = torch.linalg.svdvals(finite_difference_jacobian(model, "h_space", 128, sigma))
+    # formed J, float32 SVD, against central differences at step 1e-3 in float32: ~1e-4 relative
+    assert torch.allclose(found.sites["h_space"].gains.double(), values[:2], rtol=1e-3)
+
+
+@pytest.mark.parametrize("rows_that_fit", [2, 0])
+def test_reverse_passes_that_run_out_of_memory_take_fewer_rows(host, kit, caplog, rows_that_fit):
+    """A device that holds the activations of only ``rows_that_fit`` rows (a patch raising the out-of-memory
+    error beyond): the reverse chunk halves until it fits, or at one row J is formed in forward mode; the
+    directions are the same either way."""
+    def limited(h, hsp, options):
+        if torch.is_grad_enabled() and h.shape[0] > rows_that_fit:
+            raise torch.OutOfMemoryError("simulated: the device is full")
+        return h, hsp
+    model = kit[0].clone()
+    model.set_model_output_block_patch(limited)
+    node = host.nodes.NODE_CLASS_MAPPINGS["DirectionsFromImage"]()
+    image = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))}
+    with caplog.at_level(logging.INFO):
+        found = node.directions(model, conditioning(1), conditioning(2), image, 3, 0.3, 1.0, "h_space", 2)[0]
+    expected = node.directions(kit[0], conditioning(1), conditioning(2), image, 3, 0.3, 1.0, "h_space", 2)[0]
+    if rows_that_fit:
+        assert "out of memory in a reverse pass; 2 rows a call from now" in caplog.text
+    else:
+        assert "derivatives failed through this model (out of memory at one row a call)" in caplog.text
+    # the stopping rule puts both within 1% of the singular values; in practice far closer
+    assert torch.allclose(found.sites["h_space"].gains, expected.sites["h_space"].gains, rtol=1e-3)
+
+
 def test_a_mask_makes_the_directions_change_the_masked_region_most(host, kit):
     model = kit[0]
     node = host.nodes.NODE_CLASS_MAPPINGS["DirectionsFromImage"]()
@@ -259,14 +311,18 @@ def test_a_mask_makes_the_directions_change_the_masked_region_most(host, kit):
 
 def test_the_jacobian_runs_as_the_host_runs_nodes_in_inference_mode(host, kit):
     """The host loads weights and runs nodes under torch.inference_mode, whose tensors reverse-mode autograd
-    refuses; forward-mode derivatives need no saved tensors, so the same directions come out."""
+    refuses to save; the node's reverse products run through aliases of them, so the same directions come out
+    and the model keeps its own tensors."""
     from harness.test_nodes.unets import build_unet
     node = host.nodes.NODE_CLASS_MAPPINGS["DirectionsFromImage"]()
     image = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))}
     with torch.inference_mode():
         model = build_unet("sd15", seed=0)
         assert next(model.model.parameters()).is_inference()
+        before = {name: tensor.clone() for name, tensor in model.model.state_dict().items()}
         inside = node.directions(model, conditioning(1), conditioning(2), image, 3, 0.3, 1.0, "h_space", 3)[0]
+        assert all(p.is_inference() for p in model.model.parameters())  # the reverse pass's aliases are gone
+        assert all(torch.equal(before[name], tensor) for name, tensor in model.model.state_dict().items())
     outside = node.directions(kit[0], conditioning(1), conditioning(2), image, 3, 0.3, 1.0, "h_space", 3)[0]
     assert torch.equal(inside.sites["h_space"].vectors, outside.sites["h_space"].vectors)
 

@@ -4,6 +4,7 @@ A model's attention sites and their weights as a patcher sees them (UNet self-at
 transformer blocks in :mod:`.dit`); the attention-layer path format; how the host lays out a model batch (cond/uncond chunks) and the keys its patches receive;
 its model sampling (sigma schedule, flow or not, noise scaling) and latent format; its ancestral step.
 """
+import contextlib
 import logging
 import re
 from collections.abc import Callable
@@ -254,6 +255,39 @@ def attn1_shifted(n, context_attn1, value_attn1, shifted):
 def has_batch_keys(options: dict, grid: bool = True) -> bool:
     """The keys the host's batching sets; a model called some other way runs unedited."""
     return "cond_or_uncond" in options and "sigmas" in options and (not grid or "activations_shape" in options)
+
+
+@contextlib.contextmanager
+def differentiable(model: torch.nn.Module):
+    """Reverse-mode autograd through a host model. The host loads weights in inference mode, whose tensors
+    autograd refuses to save for a backward pass: for the duration, every inference tensor among the modules'
+    parameters, buffers and tensor attributes is replaced by a normal tensor on the same storage (no copy,
+    values untouched; nothing may write through them), and put back after. Flux-like blocks add to their
+    activations in place (``img += ...``) after a norm has saved them: activations on the gradient's path
+    are saved as copies."""
+    swapped = []
+    for module in model.modules():
+        for store in (module._parameters, module._buffers, module.__dict__):
+            for name, value in list(store.items()):
+                if type(value) in (torch.Tensor, torch.nn.Parameter) and value.is_inference():
+                    alias = torch.empty(0, dtype=value.dtype, device=value.device).set_(
+                        value.untyped_storage(), value.storage_offset(), value.shape, value.stride())
+                    store[name] = torch.nn.Parameter(alias, False) if type(value) is torch.nn.Parameter else alias
+                    swapped.append((store, name, value))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_copy_if_differentiated, _as_saved):
+            yield
+    finally:
+        for store, name, value in swapped:
+            store[name] = value
+
+
+def _copy_if_differentiated(saved: torch.Tensor) -> torch.Tensor:
+    return saved.clone() if saved.requires_grad else saved
+
+
+def _as_saved(saved: torch.Tensor) -> torch.Tensor:
+    return saved
 
 
 def model_sampling(patcher):

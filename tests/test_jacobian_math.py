@@ -1,0 +1,64 @@
+"""directions.jacobian: the top right singular vectors of an operator given only as products with it and its
+transpose, against a float64 SVD of the formed matrix."""
+import pytest
+import torch
+
+from semantic_directions.directions.jacobian import EXACT_WIDTH, jacobian_directions
+
+
+def planted(outputs: int, width: int, values, seed: int = 0) -> torch.Tensor:
+    """J [outputs, width] with the given leading singular values and a tail below them."""
+    generator = torch.Generator().manual_seed(seed)
+    left = torch.linalg.qr(torch.randn(outputs, width, generator=generator, dtype=torch.float64)).Q
+    right = torch.linalg.qr(torch.randn(width, width, generator=generator, dtype=torch.float64)).Q
+    spectrum = torch.cat([torch.tensor(values, dtype=torch.float64),
+                          torch.linspace(0.5, 0.01, width - len(values), dtype=torch.float64)])
+    return left @ torch.diag(spectrum) @ right.T
+
+
+def counted(jacobian: torch.Tensor):
+    """(apply, apply_t, products made) for a formed J, in float32 as the node's products are."""
+    made = {"forward": 0, "reverse": 0}
+    single = jacobian.float()
+
+    def apply(vectors):
+        made["forward"] += vectors.shape[1]
+        return single @ vectors
+
+    def apply_t(outputs):
+        made["reverse"] += outputs.shape[1]
+        return single.T @ outputs
+    return apply, apply_t, made
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_products_alone_find_the_top_singular_vectors(weighted):
+    jacobian = planted(600, 320, [8.0, 6.0, 5.0, 4.0, 3.0, 2.5, 2.0, 1.5])
+    weights = torch.rand(600, generator=torch.Generator().manual_seed(1)) if weighted else None
+    apply, apply_t, made = counted(jacobian)
+    vectors, gains = jacobian_directions(apply, apply_t, 320, 6, weights)
+    reference = jacobian if weights is None else weights.double()[:, None] * jacobian
+    _, values, vh = torch.linalg.svd(reference)
+    # the stopping rule puts each gain within 1% of a singular value; a float32 operator keeps them far closer
+    assert torch.allclose(gains.double(), values[:6], rtol=1e-2)
+    overlaps = (vectors.double() @ vh[:6].T).abs().diagonal()
+    gaps = values[:6] / values[1:7]
+    assert (overlaps[gaps > 1.1] > 0.99).all()
+    assert torch.allclose(vectors @ vectors.T, torch.eye(6), atol=1e-5)
+    assert 0 < made["forward"] == made["reverse"] < 320 / 2  # never the 320 products of forming J
+
+
+def test_narrow_sites_are_formed_and_decomposed_exactly():
+    jacobian = planted(200, EXACT_WIDTH, [3.0, 2.0])
+    apply, apply_t, made = counted(jacobian)
+    vectors, gains = jacobian_directions(apply, apply_t, EXACT_WIDTH, 2)
+    values = torch.linalg.svdvals(jacobian)
+    assert torch.allclose(gains.double(), values[:2], rtol=1e-5)  # a float32 SVD
+    assert made == {"forward": EXACT_WIDTH, "reverse": 0}
+
+
+def test_a_non_finite_derivative_is_refused_by_name():
+    def apply(vectors):
+        return torch.full((10, vectors.shape[1]), float("nan"))
+    with pytest.raises(ValueError, match="model: its prediction's derivative holds NaN"):
+        jacobian_directions(apply, lambda outputs: outputs[:8], 8, 2)
