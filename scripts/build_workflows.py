@@ -457,6 +457,60 @@ def directions_from_examples(registry) -> Graph:
     return g
 
 
+LOCAL_SWEEP = "-0.1, -0.05, 0, 0.05, 0.1"
+
+
+def localized_edit(registry) -> Graph:
+    """Workflow 11: LOCO-Edit's localized edits: the directions that change the masked region of this photo's
+    prediction most (Directions From Image with a mask), applied inside the same mask to the inverted photo,
+    swept with the Asyrp Sampler."""
+    g = Graph(registry)
+    checkpoint = g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=SD15_CHECKPOINT)
+    image = g.add("LoadImage", (0, 200), image="example.png")
+    describe = g.add("CLIPTextEncode", (1, 0), "Describe the photo", clip=checkpoint["CLIP"],
+                     text="a portrait photo of a person")
+    empty = g.add("CLIPTextEncode", (1, 260), "Empty negative", clip=checkpoint["CLIP"], text="")
+    encode = g.add("VAEEncode", (1, 440), pixels=image["IMAGE"], vae=checkpoint["VAE"])
+    invert = g.add("DDIMInvert", (2, 0), model=checkpoint["MODEL"], latent=encode["LATENT"], steps=30,
+                   scheduler="normal", cfg=1.0, refine=2, positive=describe["CONDITIONING"])
+    canvas = g.add("SolidMask", (3, 0), value=0.0, width=512, height=512)
+    square = g.add("SolidMask", (3, 180), value=1.0, width=192, height=192)
+    mask = g.add("MaskComposite", (3, 360), destination=canvas["MASK"], source=square["MASK"], x=160, y=96,
+                 operation="add")
+    found = g.add("DirectionsFromImage", (4, 0), model=checkpoint["MODEL"], positive=describe["CONDITIONING"],
+                  negative=empty["CONDITIONING"], latent=encode["LATENT"], seed=0, percent=0.3, cfg=1.0,
+                  site="h_space", count=4, mask=mask["MASK"])
+    copies = g.add("RepeatLatentBatch", (5, 0), samples=invert["latent"], amount=5)
+    edit = g.add("ApplyDirection", (5, 180), model=checkpoint["MODEL"], directions=found["directions"], index=0,
+                 layer="h_space", alpha=0.1, start_percent=0.0, end_percent=0.6, apply_to="both",
+                 mask=mask["MASK"], alpha_list=LOCAL_SWEEP)
+    asyrp = g.add("AsyrpSampler", (6, 0), boost_eta=0.0, boost_start_percent=0.8)
+    schedule = g.add("BasicScheduler", (6, 140), model=checkpoint["MODEL"], scheduler="normal", steps=30, denoise=1.0)
+    sample = g.add("SamplerCustom", (7, 0), model=edit["MODEL"], add_noise=False, noise_seed=0, cfg=1.0,
+                   positive=describe["CONDITIONING"], negative=empty["CONDITIONING"], sampler=asyrp["SAMPLER"],
+                   sigmas=schedule["SIGMAS"], latent_image=copies["LATENT"])
+    decoded = g.add("VAEDecode", (8, 0), samples=sample["output"], vae=checkpoint["VAE"])
+    grid = g.add("LabelledImageGrid", (8, 160), images=decoded["IMAGE"], labels=LOCAL_SWEEP, columns=0,
+                 directions=found["directions"])
+    save = g.add("SaveImage", (9, 0), images=grid["IMAGE"], filename_prefix="semdir_localized")
+    notes = [
+        g.note("**1. Load** an SD1.5 checkpoint and your photo (about 512 px), describe it, and invert it with the "
+               "UNEDITED model at cfg 1.", (0, -220)),
+        g.note("**2. Where to edit**: the square (move it with MaskComposite's x and y, or paint a mask in "
+               "LoadImage and connect its MASK instead). **Directions From Image** finds the h-space shifts that "
+               "change this photo's prediction inside the mask most, at 0.3 of the schedule: a few blocks of "
+               "model calls, not one per channel.", (3, -220)),
+        g.note("**3. Edit inside the same mask** and sample the inverted photo back with the Asyrp Sampler "
+               "(SamplerCustom, add_noise off, the inversion's steps and scheduler): five copies render alpha "
+               "-0.1 to 0.1; alpha 0 is its reconstruction. Try index 1 to 3, and larger alphas.", (5, -220)),
+    ]
+    g.group("1. Load and invert (unedited model)", checkpoint, image, describe, empty, encode, invert, notes[0])
+    g.group("2. Mask and the directions for this photo", canvas, square, mask, found, notes[1])
+    g.group("3. Edit inside the mask and sample back", copies, edit, asyrp, schedule, sample, decoded, grid, save,
+            notes[2])
+    return g
+
+
 def flux_loaders(g):
     """Flux as its users load it: the diffusion model, the two text encoders, the VAE."""
     unet = g.add("UNETLoader", (0, 0), unet_name=FLUX_MODEL, weight_dtype="default")
@@ -556,6 +610,7 @@ WORKFLOW_BUILDERS = {
     "directions_from_examples": directions_from_examples,
     "flux_discover_and_sweep": flux_discover_and_sweep,
     "flux_edit_real_image": flux_edit_real_image,
+    "localized_edit": localized_edit,
 }
 
 

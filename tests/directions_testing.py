@@ -43,8 +43,7 @@ def assert_reverse_products_transpose_forward_ones(model, positive, negative, sa
     (J^T U)^T V from reverse mode, for random V and U, on the host's own model inside its guider (the
     reverse pass through weights the host may have loaded in inference mode)."""
     from semantic_directions.nodes.host import model_sampling
-    from semantic_directions.nodes.jacobian import RowProgress, site_widths, with_jacobian
-    width = site_widths(model, [site])[site]
+    from semantic_directions.nodes.jacobian import RowProgress, with_jacobian
     generator = torch.Generator().manual_seed(5)
 
     def solve(apply, apply_t, width):

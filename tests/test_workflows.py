@@ -199,6 +199,14 @@ def check_directions_from_examples(host, workflow, outputs):
     assert np.abs(tiles[0] - tiles[2]).max() > 5 and np.abs(tiles[4] - tiles[2]).max() > 5
 
 
+def check_localized_edit(host, workflow, outputs):
+    """The middle tile (alpha 0) reconstructs the photo; the ends of the sweep differ from it. (That the masked
+    directions change the masked region most is tested on the node: tests/test_host_samples.py.)"""
+    tiles = grid_tiles(host, workflow, outputs)
+    assert psnr(tiles[2], vae_round_trip(host, "example.png")) > 30
+    assert np.abs(tiles[0] - tiles[2]).max() > 5 and np.abs(tiles[4] - tiles[2]).max() > 5
+
+
 def check_flux_edit_real_image(host, workflow, outputs):
     """As workflow 2's check, at alpha 4: the tiny Flux's own prediction enters the Gaussian-prior denoiser at a
     twentieth of its size (GaussianPriorDenoiser), so the workflow's alpha 0.4 moves the image by two levels."""
@@ -219,7 +227,7 @@ def check_flux_discover_and_sweep(host, workflow, outputs):
 
 EXTRA_CHECKS = {"named_direction.json": check_named_direction, "flux_edit_real_image.json": check_flux_edit_real_image,
                 "flux_discover_and_sweep.json": check_flux_discover_and_sweep,
-                "directions_from_examples.json": check_directions_from_examples, "discover_and_sweep.json": check_discover_and_sweep, "edit_real_image.json": check_edit_real_image, "save_and_reuse.json": check_save_and_reuse}
+                "directions_from_examples.json": check_directions_from_examples, "localized_edit.json": check_localized_edit, "discover_and_sweep.json": check_discover_and_sweep, "edit_real_image.json": check_edit_real_image, "save_and_reuse.json": check_save_and_reuse}
 
 
 @pytest.mark.parametrize("name", sorted(path.name for path in WORKFLOWS.glob("*.json")))
