@@ -113,25 +113,37 @@ def size(node) -> list:
     return [320, height]
 
 
+def photo_inverted(g, description: str, steps: int) -> tuple:
+    """Column 0 to 2: the checkpoint, the photo, its description and an empty negative, its encoding, and DDIM
+    Invert with the unedited model at cfg 1."""
+    checkpoint = g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=SD15_CHECKPOINT)
+    image = g.add("LoadImage", (0, 200), image="example.png")
+    describe = g.add("CLIPTextEncode", (1, 0), "Describe the photo", clip=checkpoint["CLIP"], text=description)
+    empty = g.add("CLIPTextEncode", (1, 260), "Empty negative", clip=checkpoint["CLIP"], text="")
+    encode = g.add("VAEEncode", (1, 440), pixels=image["IMAGE"], vae=checkpoint["VAE"])
+    invert = g.add("DDIMInvert", (2, 0), model=checkpoint["MODEL"], latent=encode["LATENT"], steps=steps,
+                   scheduler="normal", cfg=1.0, refine=2, positive=describe["CONDITIONING"])
+    return checkpoint, image, describe, empty, encode, invert
+
+
+def square_mask(g, column: int, side: int, x: int, y: int) -> tuple:
+    """A 512 px mask, 1 inside a square of ``side`` at (x, y): the canvas, the square and their composite."""
+    canvas = g.add("SolidMask", (column, 0), value=0.0, width=512, height=512)
+    square = g.add("SolidMask", (column, 180), value=1.0, width=side, height=side)
+    return canvas, square, g.add("MaskComposite", (column, 360), destination=canvas["MASK"], source=square["MASK"],
+                                 x=x, y=y, operation="add")
+
+
 def edit_real_image(registry) -> Graph:
     """Workflow 2: invert a photo with the unedited model, edit inside a mask, sample back beside the
     unedited reconstruction."""
     g = Graph(registry)
-    checkpoint = g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=SD15_CHECKPOINT)
-    image = g.add("LoadImage", (0, 200), image="example.png")
-    describe = g.add("CLIPTextEncode", (1, 0), "Describe the photo", clip=checkpoint["CLIP"],
-                     text="a photo of a woman with long hair, outdoors")
-    empty = g.add("CLIPTextEncode", (1, 260), "Empty negative", clip=checkpoint["CLIP"], text="")
-    encode = g.add("VAEEncode", (1, 440), pixels=image["IMAGE"], vae=checkpoint["VAE"])
-    invert = g.add("DDIMInvert", (2, 0), model=checkpoint["MODEL"], latent=encode["LATENT"], steps=50,
-                   scheduler="normal", cfg=1.0, refine=2, positive=describe["CONDITIONING"])
+    checkpoint, image, describe, empty, encode, invert = photo_inverted(g, "a photo of a woman with long hair, "
+                                                                        "outdoors", steps=50)
     discover = g.add("DiscoverAttentionEigendirections", (3, 0), model=checkpoint["MODEL"], layers="all", count=10,
                      method="whitened", token_variance=1.0)
     preview_spectrum = g.add("PreviewImage", (3, 240), images=discover["spectrum"])
-    canvas = g.add("SolidMask", (4, 0), value=0.0, width=512, height=512)
-    square = g.add("SolidMask", (4, 180), value=1.0, width=256, height=256)
-    mask = g.add("MaskComposite", (4, 360), destination=canvas["MASK"], source=square["MASK"], x=128, y=128,
-                 operation="add")
+    canvas, square, mask = square_mask(g, 4, 256, 128, 128)
     edit = g.add("ApplyDirection", (5, 0), model=checkpoint["MODEL"], directions=discover["directions"], index=0,
                  layer="all", alpha=0.4, start_percent=0.0, end_percent=0.5, apply_to="both", mask=mask["MASK"])
     samplers = {}
@@ -402,6 +414,29 @@ def named_direction(registry) -> Graph:
 EXAMPLES = {"without": ("neutral_1.png", "neutral_2.png"), "with_attribute": ("smiling_1.png", "smiling_2.png")}
 
 
+def asyrp_sweep(g, checkpoint, conditioning, latent, directions, y: int, alpha: float, labels: str, prefix: str,
+                mask=None) -> list:
+    """An inverted photo's latent in five copies, the first direction at h-space over 0-0.6 of the schedule with
+    one alpha per copy, sampled back with the Asyrp Sampler (add_noise off, the inversions' 30 normal steps),
+    labelled and saved; the nodes, columns 5 to 9 from ``y``."""
+    positive, negative = conditioning
+    copies = g.add("RepeatLatentBatch", (5, y), samples=latent, amount=5)
+    edit = g.add("ApplyDirection", (6, y), model=checkpoint["MODEL"], directions=directions, index=0,
+                 layer="h_space", alpha=alpha, start_percent=0.0, end_percent=0.6, apply_to="both",
+                 **({"mask": mask} if mask is not None else {}), alpha_list=labels)
+    asyrp = g.add("AsyrpSampler", (6, y + 240), boost_eta=0.0, boost_start_percent=0.8)
+    schedule = g.add("BasicScheduler", (6, y + 380), model=checkpoint["MODEL"], scheduler="normal", steps=30,
+                     denoise=1.0)
+    sample = g.add("SamplerCustom", (7, y), model=edit["MODEL"], add_noise=False, noise_seed=0, cfg=1.0,
+                   positive=positive["CONDITIONING"], negative=negative["CONDITIONING"], sampler=asyrp["SAMPLER"],
+                   sigmas=schedule["SIGMAS"], latent_image=copies["LATENT"])
+    decoded = g.add("VAEDecode", (8, y), samples=sample["output"], vae=checkpoint["VAE"])
+    grid = g.add("LabelledImageGrid", (8, y + 160), images=decoded["IMAGE"], labels=labels, columns=0,
+                 directions=directions)
+    save = g.add("SaveImage", (9, y), images=grid["IMAGE"], filename_prefix=prefix)
+    return [copies, edit, asyrp, schedule, sample, decoded, grid, save]
+
+
 def directions_from_examples(registry) -> Graph:
     """Workflow 8: photos without and with an attribute, inverted, give a pair direction at h-space, applied
     to a third inverted photo as a sweep with the Asyrp Sampler."""
@@ -428,18 +463,8 @@ def directions_from_examples(registry) -> Graph:
                  seed=0, add_noise="disable", steps=30, cfg=1.0, sampler_name="ddim", scheduler="normal",
                  site="h_space", start_percent=0.0, end_percent=0.6, without_name="neutral", with_name="smiling")
     third_nodes, third = inverted(("edit_me.png",), (2, 2000), "the photo to edit")
-    copies = g.add("RepeatLatentBatch", (5, 2000), samples=third["latent"], amount=5)
-    edit = g.add("ApplyDirection", (6, 2000), model=checkpoint["MODEL"], directions=pair["directions"], index=0,
-                 layer="h_space", alpha=1.0, start_percent=0.0, end_percent=0.6, apply_to="both", alpha_list=SWEEP)
-    asyrp = g.add("AsyrpSampler", (6, 2240), boost_eta=0.0, boost_start_percent=0.8)
-    schedule = g.add("BasicScheduler", (6, 2380), model=checkpoint["MODEL"], scheduler="normal", steps=30, denoise=1.0)
-    sample = g.add("SamplerCustom", (7, 2000), model=edit["MODEL"], add_noise=False, noise_seed=0, cfg=1.0,
-                   positive=describe["CONDITIONING"], negative=empty["CONDITIONING"], sampler=asyrp["SAMPLER"],
-                   sigmas=schedule["SIGMAS"], latent_image=copies["LATENT"])
-    decoded = g.add("VAEDecode", (8, 2000), samples=sample["output"], vae=checkpoint["VAE"])
-    grid = g.add("LabelledImageGrid", (8, 2160), images=decoded["IMAGE"], labels=SWEEP, columns=0,
-                 directions=pair["directions"])
-    save = g.add("SaveImage", (9, 2000), images=grid["IMAGE"], filename_prefix="semdir_from_examples")
+    sweep = asyrp_sweep(g, checkpoint, (describe, empty), third["latent"], pair["directions"], 2000, alpha=1.0,
+                        labels=SWEEP, prefix="semdir_from_examples")
     notes = [
         g.note("**1. Examples**: two or more photos without the attribute and two or more with it (ImageBatch "
                "takes more), inverted with the unedited model at cfg 1. More examples average out everything "
@@ -452,8 +477,7 @@ def directions_from_examples(registry) -> Graph:
     ]
     g.group("1. Examples, inverted", checkpoint, describe, empty, *without_nodes, *with_nodes, notes[0])
     g.group("2. Pair direction", pair, notes[1])
-    g.group("3. Apply to another photo", *third_nodes, copies, edit, asyrp, schedule, sample, decoded, grid, save,
-            notes[2])
+    g.group("3. Apply to another photo", *third_nodes, *sweep, notes[2])
     return g
 
 
@@ -465,34 +489,13 @@ def localized_edit(registry) -> Graph:
     prediction most (Directions From Image with a mask), applied inside the same mask to the inverted photo,
     swept with the Asyrp Sampler."""
     g = Graph(registry)
-    checkpoint = g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=SD15_CHECKPOINT)
-    image = g.add("LoadImage", (0, 200), image="example.png")
-    describe = g.add("CLIPTextEncode", (1, 0), "Describe the photo", clip=checkpoint["CLIP"],
-                     text="a portrait photo of a person")
-    empty = g.add("CLIPTextEncode", (1, 260), "Empty negative", clip=checkpoint["CLIP"], text="")
-    encode = g.add("VAEEncode", (1, 440), pixels=image["IMAGE"], vae=checkpoint["VAE"])
-    invert = g.add("DDIMInvert", (2, 0), model=checkpoint["MODEL"], latent=encode["LATENT"], steps=30,
-                   scheduler="normal", cfg=1.0, refine=2, positive=describe["CONDITIONING"])
-    canvas = g.add("SolidMask", (3, 0), value=0.0, width=512, height=512)
-    square = g.add("SolidMask", (3, 180), value=1.0, width=192, height=192)
-    mask = g.add("MaskComposite", (3, 360), destination=canvas["MASK"], source=square["MASK"], x=160, y=96,
-                 operation="add")
+    checkpoint, image, describe, empty, encode, invert = photo_inverted(g, "a portrait photo of a person", steps=30)
+    canvas, square, mask = square_mask(g, 3, 192, 160, 96)
     found = g.add("DirectionsFromImage", (4, 0), model=checkpoint["MODEL"], positive=describe["CONDITIONING"],
                   negative=empty["CONDITIONING"], latent=encode["LATENT"], seed=0, percent=0.3, cfg=1.0,
                   site="h_space", count=4, mask=mask["MASK"])
-    copies = g.add("RepeatLatentBatch", (5, 0), samples=invert["latent"], amount=5)
-    edit = g.add("ApplyDirection", (5, 180), model=checkpoint["MODEL"], directions=found["directions"], index=0,
-                 layer="h_space", alpha=0.1, start_percent=0.0, end_percent=0.6, apply_to="both",
-                 mask=mask["MASK"], alpha_list=LOCAL_SWEEP)
-    asyrp = g.add("AsyrpSampler", (6, 0), boost_eta=0.0, boost_start_percent=0.8)
-    schedule = g.add("BasicScheduler", (6, 140), model=checkpoint["MODEL"], scheduler="normal", steps=30, denoise=1.0)
-    sample = g.add("SamplerCustom", (7, 0), model=edit["MODEL"], add_noise=False, noise_seed=0, cfg=1.0,
-                   positive=describe["CONDITIONING"], negative=empty["CONDITIONING"], sampler=asyrp["SAMPLER"],
-                   sigmas=schedule["SIGMAS"], latent_image=copies["LATENT"])
-    decoded = g.add("VAEDecode", (8, 0), samples=sample["output"], vae=checkpoint["VAE"])
-    grid = g.add("LabelledImageGrid", (8, 160), images=decoded["IMAGE"], labels=LOCAL_SWEEP, columns=0,
-                 directions=found["directions"])
-    save = g.add("SaveImage", (9, 0), images=grid["IMAGE"], filename_prefix="semdir_localized")
+    sweep = asyrp_sweep(g, checkpoint, (describe, empty), invert["latent"], found["directions"], 0, alpha=0.1,
+                        labels=LOCAL_SWEEP, prefix="semdir_localized", mask=mask["MASK"])
     notes = [
         g.note("**1. Load** an SD1.5 checkpoint and your photo (about 512 px), describe it, and invert it with the "
                "UNEDITED model at cfg 1.", (0, -220)),
@@ -506,8 +509,7 @@ def localized_edit(registry) -> Graph:
     ]
     g.group("1. Load and invert (unedited model)", checkpoint, image, describe, empty, encode, invert, notes[0])
     g.group("2. Mask and the directions for this photo", canvas, square, mask, found, notes[1])
-    g.group("3. Edit inside the mask and sample back", copies, edit, asyrp, schedule, sample, decoded, grid, save,
-            notes[2])
+    g.group("3. Edit inside the mask and sample back", *sweep, notes[2])
     return g
 
 
