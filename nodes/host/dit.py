@@ -141,7 +141,7 @@ class ShiftsDuringCalls:
     Only a clone carrying this wrapper ever runs with the hooks, weights are never touched (the host still loads,
     casts and LoRA-patches them as usual), and chained edits nest. ``image_of(vector)`` is the linear's image of a
     vector, or of a batch of them (the linear on them and on zero, differenced), so shifts stay exact under any
-    patching, and forward-mode tangents pass through. Flux-like
+    patching, and derivatives pass through (forward-mode tangents, reverse-mode gradients). Flux-like
     models call DIFFUSION_MODEL wrappers (which see the text tokens as the blocks do); SD3's model does not, so
     its sites use the APPLY_MODEL wrapper around it (its image streams hold image tokens only).
     """
