@@ -24,9 +24,10 @@ STEPS, LATENT, REPEATS = 5, 16, 3
 def main():
     args = arguments(__doc__)
     host = start_host(args.device)
-    from harness.test_nodes.unets import build_unet
     import comfy.sample
     import comfy.samplers
+
+    from harness.test_nodes.unets import build_unet
     registry = host.nodes.NODE_CLASS_MAPPINGS
     model = build_unet("sd15", full_size=True)
     model_mb = sum(p.numel() * p.element_size() for p in model.model.parameters()) / 2 ** 20

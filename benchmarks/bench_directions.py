@@ -24,8 +24,9 @@ BATCH, STEPS, CFG, LATENT = 8, 20, 7.0, 64
 def main():
     args = arguments(__doc__)
     host = start_host(args.device)
-    from harness.test_nodes.unets import build_unet
     import comfy.sample
+
+    from harness.test_nodes.unets import build_unet
     registry = host.nodes.NODE_CLASS_MAPPINGS
     model = build_unet("sd15", full_size=True)
     generator = torch.Generator().manual_seed(0)

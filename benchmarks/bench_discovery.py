@@ -42,7 +42,8 @@ def main():
 
     def full_eigh(patcher):
         def run(_):
-            exact_gains = full_eigh_gains(unet_host.attention_sites(patcher), patcher.get_key_patches("diffusion_model."),
+            exact_gains = full_eigh_gains(unet_host.attention_sites(patcher),
+                                          patcher.get_key_patches("diffusion_model."),
                                           device, COUNT)
             synchronize()
             return exact_gains
@@ -59,7 +60,8 @@ def main():
                 figures[f"{name}_all_layers_s"] = round(seconds, 4)
             seconds, exact = timed(full_eigh(patcher), REPEATS)
             figures[f"{name}_full_eigh_s"] = round(seconds, 4)
-        errors = [float(((found.sites[path].gains.float() - gains).abs() / gains).max()) for path, gains in exact.items()]
+        errors = [float(((found.sites[path].gains.float() - gains).abs() / gains).max())
+                  for path, gains in exact.items()]
         figures[f"{name}_max_relative_gain_error"] = round(max(errors), 4)
         figures.update(accuracy(name, patcher, unet_host, attention, device))
         figures[f"{name}_speedup"] = round(figures[f"{name}_full_eigh_s"] / figures[f"{name}_all_layers_s"], 1)

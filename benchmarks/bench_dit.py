@@ -167,10 +167,10 @@ def main():
     args = arguments(__doc__)
     host = start_host(args.device)
     import comfy.model_management
-    from semantic_directions.nodes import host as host_layer
-    from semantic_directions.nodes.discover import discover_sites
 
     from harness.test_nodes import dits
+    from semantic_directions.nodes import host as host_layer
+    from semantic_directions.nodes.discover import discover_sites
     device = comfy.model_management.get_torch_device()
     figures = {"device": str(device), "threads": torch.get_num_threads(), "count": COUNT, "weights_dtype": "float16"}
 

@@ -110,14 +110,16 @@ def trained(host, default_refine):
                                                       equal, "dpmpp_2m")
             round_trips[f"{steps} {scheduler}"] = {method: {k: v for k, v in row.items() if k != "calls"}
                                                    for method, row in table.items()}
-    reduction = {steps: min(round_trips[f"{steps} {s}"]["plain"]["error"] / round_trips[f"{steps} {s}"]["default"]["error"]
-                            for s in TRAINED_SCHEDULERS) for steps in TRAINED_STEPS}
+    def error(steps, scheduler, method):
+        return round_trips[f"{steps} {scheduler}"][method]["error"]
+    reduction = {steps: min(error(steps, s, "plain") / error(steps, s, "default") for s in TRAINED_SCHEDULERS)
+                 for steps in TRAINED_STEPS}
     karras_20 = round_trips["20 karras"]
     return {"trained_model": "faces world (FacesWorldLoader)", "trained_images": TRAINED_IMAGES,
             "trained_held_out_seed": HELD_OUT_SEED, "trained_latent": list(original.shape),
             **{f"trained_error_reduction_{steps}": round(value, 2) for steps, value in reduction.items()},
-            "trained_model_evaluations_per_step": round(sum(t["default"]["calls_per_step"] for t in round_trips.values())
-                                                        / len(round_trips), 3),
+            "trained_model_evaluations_per_step": round(
+                sum(t["default"]["calls_per_step"] for t in round_trips.values()) / len(round_trips), 3),
             "equal_calls_psnr_gain_db": round(karras_20["default"]["psnr_db"]
                                               - karras_20["unsampler_equal_calls"]["psnr_db"], 2),
             "trained_round_trips": round_trips}

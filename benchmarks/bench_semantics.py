@@ -11,8 +11,8 @@ against low: ``pair`` from different faces, ``pair-matched`` from each face draw
 as photos of the same person with and without an attribute; full runs only), with each factor's best site
 reported against random and the ceiling (``pair_named``, ``pair_matched_named``);
 Jacobian directions at every site (the pack's Directions From Image on one held-out face), each site's best
-over the whitened eigendirections' best (``jacobian_over_whitened``); random unit directions at the same sites, as many, with the
-same sampler; and the site's ceiling: supervised directions from the gradient of each factor's
+over the whitened eigendirections' best (``jacobian_over_whitened``); random unit directions at the same sites, as
+many, with the same sampler; and the site's ceiling: supervised directions from the gradient of each factor's
 reading through the whole sampling (``strongest``: the gradient; ``pure``: the gradient with the
 other factors' gradients projected out), measured like every other direction. Per direction, all
 seven factor slopes (least squares through alpha 0, per seed); its effect is the largest |slope|,
@@ -24,8 +24,8 @@ median effect over the random median at the method's sites (both with bootstrap 
 seeds), the best direction's purity and effect as fractions of its site's ceiling for its factor,
 the transfer to inverted held-out faces (DDIM Invert, sampled back edited: the slope of the same
 factor there over its slope on generated faces, all seven slopes reported), and the saturation
-curve of its factor out to four times the largest linear alpha. Per site, the same for every method, and the ceiling of each
-factor. The world model against its limit (world/quality.py): one-step x0 PSNR beside the oracle
+curve of its factor out to four times the largest linear alpha. Per site, the same for every method, and the ceiling
+of each factor. The world model against its limit (world/quality.py): one-step x0 PSNR beside the oracle
 denoiser's, and its samples' redraw PSNR and noise. Writes benchmarks/semantics.jpg, each method's
 best direction swept out to four times the largest linear alpha.
 
@@ -49,11 +49,12 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from benchmarks.common import REPO, arguments, report, start_host
-from benchmarks.measures import (bootstrap_interval, bootstrap_resamples, ceiling_directions, effect, purity,
-                                 seed_slopes)
+from benchmarks.measures import bootstrap_interval, bootstrap_resamples, ceiling_directions, effect, purity, seed_slopes
 from world import quality
-from world.faces import FACTORS, SIZE as IMAGE_SIZE, dataset, render
-from world.regressor import load as load_regressor, to_input
+from world.faces import FACTORS, dataset, render
+from world.faces import SIZE as IMAGE_SIZE
+from world.regressor import load as load_regressor
+from world.regressor import to_input
 
 STEPS, BASE_SEED = 20, 1000
 # Linear regime per site family. Attention: the README's useful range. h-space responds far more per unit of
@@ -387,8 +388,9 @@ class SweepCache:
     sweeps read back."""
 
     def __init__(self, world, folder: Path = SWEEP_CACHE):
-        import comfy.sample
         import PIL
+
+        import comfy.sample
         host = Path(comfy.sample.__file__).resolve().parent.parent
         digest = hashlib.sha256(" ".join(map(str, (
             host, (host / "comfyui_version.py").read_text(), torch.__version__, np.__version__, PIL.__version__,
@@ -541,7 +543,8 @@ def main():
     sets["jacobian"] = jacobian_set(world, plan["jacobian"], ", ".join((*plan["sites"], "h_space")) if plan["sites"]
                                     else "all")
     if plan["sites"]:  # quick: the chosen attention sites and h-space only
-        sets = {m: dset_module.DirectionSet(sites={k: v for k, v in s.sites.items() if k in (*plan["sites"], "h_space")},
+        kept = (*plan["sites"], "h_space")
+        sets = {m: dset_module.DirectionSet(sites={k: v for k, v in s.sites.items() if k in kept},
                                             method=s.method, model=s.model, params=s.params) for m, s in sets.items()}
     attention_widths = {site: s.width for site, s in sets["whitened"].sites.items()}
     sets["random-attention"] = random_set(dset_module, model_entry, attention_widths, plan["per_site"], 1,

@@ -15,7 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 def arguments(description: str, quick: bool = False):
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if quick:
-        parser.add_argument("--quick", action="store_true", help="fewer seeds, sites and directions: minutes, for development")
+        parser.add_argument("--quick", action="store_true",
+                            help="fewer seeds, sites and directions: minutes, for development")
     parser.add_argument("--json", action="store_true", help="print one JSON object (the figures) and nothing else")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda to run on the host's GPU")
     return parser.parse_args()
@@ -61,6 +62,7 @@ def full_eigh_gains(sites: dict, key_patches: dict, device, count: int) -> dict:
     """The naive baseline discovery is timed against: per site ({path: AttentionSite}), the whitened J formed and a
     full eigendecomposition of J^T J; the top ``count`` gains."""
     import torch
+
     from semantic_directions.directions import attention
     gains = {}
     for path, site in sites.items():

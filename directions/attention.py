@@ -328,7 +328,8 @@ def _normed(projected, weight, gain, eps):
         return projected, weight[:, None].expand(-1, projected.shape[1], -1, -1)
     rms = (projected.pow(2).mean(-1, keepdim=True) + eps).sqrt()
     unit = projected / rms
-    d_unit = (weight[:, None] - torch.einsum("hne,hnf,hfd->hned", unit, unit, weight) / projected.shape[-1]) / rms[..., None]
+    along = torch.einsum("hne,hnf,hfd->hned", unit, unit, weight) / projected.shape[-1]
+    d_unit = (weight[:, None] - along) / rms[..., None]
     return gain * unit, gain[:, None] * d_unit
 
 

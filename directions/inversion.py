@@ -33,7 +33,8 @@ def plain_step(denoise, x, sigma, sigma_next):
 
 def anderson_solve(fixed_map, start, evaluations: int, tolerance: float = 0.0, memory: int = ANDERSON_MEMORY):
     """y = fixed_map(y) for each batch row, from ``start``, in at most ``evaluations`` calls, stopping once every
-    row's residual g = fixed_map(y) - y is below ``tolerance`` relative to the larger of |y| and |fixed_map(y)| (Anderson
+    row's residual g = fixed_map(y) - y is below ``tolerance`` relative to the larger of |y| and |fixed_map(y)|
+    (Anderson
     acceleration, type II, undamped: each new point is the fixed-map image of the combination of the last
     ``memory`` + 1 points whose residuals cancel best, in least squares). Returns (the point after the last
     call, each call's relative residual [calls, batch])."""

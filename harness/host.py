@@ -75,12 +75,15 @@ class Host:
         args.base_directory = str(base)
         args.cpu = device == "cpu"
         args.database_url = "sqlite:///:memory:"
+        # the host's own start-up order: main.py imports folder_paths, then its extra config, before the rest
+        # isort: off
         import folder_paths
-        import utils.extra_config  # noqa: F401  (main.py imports it before the rest)
+        import utils.extra_config  # noqa: F401
         import comfy.utils  # noqa: F401
         import execution
         import server
         import nodes
+        # isort: on
         self.folder_paths, self.execution, self.nodes = folder_paths, execution, nodes
         self.loop = asyncio.new_event_loop()
         asyncio.set_event_loop(self.loop)

@@ -166,7 +166,8 @@ class ApplyDirection:
         transformer_sites = [s for s in sites if site_kind(s) == DIT]
         if transformer_sites:
             patch, blocks = _Patch(edit, host.PASSES[apply_to]), host.dit.sites(model)
-            host.dit.add_shifts(patched, [(blocks[path], DitShift(patch, path, blocks[path])) for path in transformer_sites])
+            host.dit.add_shifts(patched, [(blocks[path], DitShift(patch, path, blocks[path]))
+                                          for path in transformer_sites])
         return (patched,)
 
 

@@ -38,7 +38,8 @@ def asyrp_sampler_function(model, x, sigmas, extra_args=None, callback=None, dis
             return denoise(latent, sigma), model(latent, sigma * latent.new_ones([latent.shape[0]]),
                                                  **_with_options(extra_args, **{host.UNEDITED: "all"}))
         doubled = torch.cat([latent, latent])
-        both = model(doubled, sigma * doubled.new_ones([doubled.shape[0]]), **_with_options(extra_args, **{host.UNEDITED: "copies"}))
+        both = model(doubled, sigma * doubled.new_ones([doubled.shape[0]]),
+                     **_with_options(extra_args, **{host.UNEDITED: "copies"}))
         return both.chunk(2)
 
     noise_sampler = comfy.k_diffusion.sampling.default_noise_sampler(x, seed=extra_args.get("seed"))

@@ -21,10 +21,10 @@ _results = weakref.WeakKeyDictionary()
 class DiscoverAttentionEigendirections:
     DESCRIPTION = (
         "Finds editing directions from the weights of the model's self-attention layers alone (a UNet's attn1 "
-        "layers, a Flux, SD3 or Qwen-Image transformer's image attention): no images, no training. For each layer, the unit shifts "
-        "of its input that move its output "
-        "most (top right singular vectors of the layer's combined query-key-value matrix), strongest "
-        "first, with their gains. LoRAs on the MODEL are taken into account; weights are never changed. "
+        "layers, a Flux, SD3 or Qwen-Image transformer's image attention): no images, no training. For each "
+        "layer, the unit shifts of its input that move its output most (top right singular vectors of the "
+        "layer's combined query-key-value matrix), strongest first, with their gains. LoRAs on the MODEL are "
+        "taken into account; weights are never changed. "
         f"Supports {host.SUPPORTED_FAMILIES}.")
     CATEGORY = CATEGORY
     FUNCTION = "discover"

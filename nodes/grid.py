@@ -17,7 +17,8 @@ class LabelledImageGrid:
             "images": ("IMAGE", {"tooltip": "The batch to lay out, in order."}),
             "labels": ("STRING", {"default": "", "tooltip":
                        "Comma-separated labels, one per image (paste the alpha_list here); empty numbers them."}),
-            "columns": ("INT", {"default": 0, "min": 0, "max": 64, "tooltip": "Images per row; 0 puts all in one row."}),
+            "columns": ("INT", {"default": 0, "min": 0, "max": 64,
+                                "tooltip": "Images per row; 0 puts all in one row."}),
         }, "optional": {
             "directions": (DIRECTIONS, {"tooltip": "A named direction (from a pair node): numeric labels then say "
                                                    "what they move toward, e.g. 'smiling 0.5', 'neutral 1'."}),

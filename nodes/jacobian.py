@@ -248,7 +248,8 @@ class DirectionsFromImage:
             logging.info("Directions From Image at %s: %d forward-mode and %d reverse-mode model rows", name,
                          run.model_rows["forward"], run.model_rows["reverse"])
         progress.finish()
-        params = {"site": site, "percent": percent, "seed": seed, "cfg": cfg, "count": count, "masked": mask is not None}
+        params = {"site": site, "percent": percent, "seed": seed, "cfg": cfg, "count": count,
+                  "masked": mask is not None}
         return (DirectionSet(sites=found, method="jacobian", params=params, model=host.made_for(model)),)
 
 

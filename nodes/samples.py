@@ -39,7 +39,8 @@ class SiteRecorder:
             recording.set_model_output_block_patch(self.middle_output)
         if self.transformer_sites:
             blocks = host.dit.sites(patcher)
-            host.dit.add_shifts(recording, [(host.dit.first_linear(blocks[path]), self.transformer_input(path, blocks[path]))
+            host.dit.add_shifts(recording, [(host.dit.first_linear(blocks[path]),
+                                             self.transformer_input(path, blocks[path]))
                                             for path in self.transformer_sites])
         return recording
 

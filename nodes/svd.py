@@ -4,8 +4,15 @@ import torch
 import comfy.model_management
 import comfy.utils
 
-from ..directions.svd import (AttributeWeights, channel_svd, check_latent, check_vector_count, scale_singular_value,
-                              subspace_distance, transfer_attribute)
+from ..directions.svd import (
+    AttributeWeights,
+    channel_svd,
+    check_latent,
+    check_vector_count,
+    scale_singular_value,
+    subspace_distance,
+    transfer_attribute,
+)
 from .common import CATEGORY, finite, parse_numbers
 from .plots import svd_analysis_image
 

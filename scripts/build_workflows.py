@@ -24,7 +24,8 @@ NOTE_COLOUR = {"color": "#432", "bgcolor": "#653"}
 
 class Node:
     def __init__(self, graph, node_id, node_type, pos, values, title=None):
-        self.graph, self.id, self.type, self.pos, self.values, self.title = graph, node_id, node_type, pos, values, title
+        self.graph, self.id, self.type, self.pos = graph, node_id, node_type, pos
+        self.values, self.title = values, title
         self.inputs, self.widgets, self.outputs, self.mode = [], [], [], 0
 
     def __getitem__(self, output):
@@ -83,7 +84,8 @@ class Graph:
         top = min(n.pos[1] for n in members) - 60
         right = max(n.pos[0] + size(n)[0] for n in members) + 20
         bottom = max(n.pos[1] + size(n)[1] for n in members) + 20
-        self.groups.append({"id": len(self.groups) + 1, "title": title, "bounding": [left, top, right - left, bottom - top],
+        self.groups.append({"id": len(self.groups) + 1, "title": title,
+                            "bounding": [left, top, right - left, bottom - top],
                             "color": colour, "font_size": 24, "flags": {}})
 
     def ui(self, name: str) -> dict:
@@ -264,7 +266,8 @@ def asyrp_edit(registry) -> Graph:
 def prompt_pair(g, checkpoint, source_text: str, target_text: str, batch: int):
     """Column 1: a source prompt, the target prompt (the attribute), the negative prompt and an empty latent."""
     return (g.add("CLIPTextEncode", (1, 0), "Source prompt", clip=checkpoint["CLIP"], text=source_text),
-            g.add("CLIPTextEncode", (1, 260), "Target prompt (the attribute)", clip=checkpoint["CLIP"], text=target_text),
+            g.add("CLIPTextEncode", (1, 260), "Target prompt (the attribute)", clip=checkpoint["CLIP"],
+                  text=target_text),
             g.add("CLIPTextEncode", (1, 520), "Negative prompt", clip=checkpoint["CLIP"], text=NEGATIVE),
             g.add("EmptyLatentImage", (1, 780), width=512, height=512, batch_size=batch))
 

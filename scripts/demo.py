@@ -110,7 +110,8 @@ def settings_from(environ, family: str | None, gpu: bool, threads: tuple = (None
 
     quick = given("DEMO_QUICK")
     if quick not in ("", "0", "1"):
-        raise SettingError(f"DEMO_QUICK: expected 1 (small settings for a CPU) or 0 (the workflows' own), got {quick!r}")
+        raise SettingError(f"DEMO_QUICK: expected 1 (small settings for a CPU) or 0 (the workflows' own), "
+                           f"got {quick!r}")
     if quick:
         why["quick"] = "DEMO_QUICK"
     else:
@@ -123,7 +124,8 @@ def settings_from(environ, family: str | None, gpu: bool, threads: tuple = (None
 
     if given("DEMO_SIZE"):
         if family is None:
-            raise SettingError("DEMO_SIZE: the faces world's model draws 32 x 32 images only; give CKPT to choose a size")
+            raise SettingError("DEMO_SIZE: the faces world's model draws 32 x 32 images only; "
+                               "give CKPT to choose a size")
         settings.size = integer("DEMO_SIZE", given("DEMO_SIZE"), *SIZE_RANGE, "pixels a side")
         if settings.size % 64:
             raise SettingError(f"DEMO_SIZE: expected a multiple of 64 (the latent must halve three times), "
@@ -178,7 +180,8 @@ def checkpoint_from(environ) -> tuple:
         return None, None
     checkpoint = Path(environ["CKPT"].strip()).expanduser().resolve()
     if not checkpoint.is_file():
-        raise SettingError(f"CKPT: {checkpoint} is not a file; give the path of an SD1.5 or SDXL .safetensors checkpoint")
+        raise SettingError(f"CKPT: {checkpoint} is not a file; give the path of an SD1.5 or SDXL "
+                           ".safetensors checkpoint")
     from safetensors import safe_open
     try:
         with safe_open(str(checkpoint), "pt") as weights:
@@ -262,7 +265,8 @@ def settings_report(settings: Settings, sweep: dict, edit: dict, family: str | N
     alphas_run = sweep[node_of(sweep, "ApplyDirection")]["inputs"]["alpha_list"]
     mode, other = (("quick", "DEMO_QUICK=0 runs the workflows' own") if settings.quick
                    else ("the workflows' own", "DEMO_QUICK=1 runs small ones"))
-    threads = f", {settings.threads} thread{'s' if settings.threads > 1 else ''} ({why['threads']})" if settings.threads else ""
+    plural = "s" if settings.threads > 1 else ""
+    threads = f", {settings.threads} thread{plural} ({why['threads']})" if settings.threads else ""
     lines = [f"device: {settings.device} ({why['device']}){threads}",
              f"settings: {mode}, {why['quick']} ({other}; "
              f"DEMO_SIZE, DEMO_STEPS and DEMO_SWEEP override them)"]
@@ -389,6 +393,7 @@ def main():
     print(f"demo: writing to {out} (report.txt grows as each stage ends)", flush=True)
 
     from PIL import Image
+
     from harness.host import Host
     from world.faces import dataset
     host = Host(Path(tempfile.mkdtemp(prefix="semdir-demo-")), device=settings.device)
@@ -423,7 +428,8 @@ def main():
     print("\n".join(header), flush=True)
 
     def direction_file():
-        shutil.copy(host.models_dir("directions") / "demo" / "whitened.safetensors", out / "directions_whitened.safetensors")
+        shutil.copy(host.models_dir("directions") / "demo" / "whitened.safetensors",
+                    out / "directions_whitened.safetensors")
         return ["directions_whitened.safetensors"]
 
     def edit_result():

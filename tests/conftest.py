@@ -75,6 +75,7 @@ def running_server(base, *extra_args):
 def server_base(tmp_path_factory):
     """A fresh base folder for a server: the pack in custom_nodes and one direction file."""
     from directions_testing import sample_set
+
     from semantic_directions.directions.fileformat import save_directions
     base = prepare_base(tmp_path_factory.mktemp("server-base"))
     save_directions(sample_set(), base / "models" / "directions" / "seed.safetensors")

@@ -1,8 +1,8 @@
 """Library layer: the edit's arithmetic and the Asyrp step on plain tensors; and the host's batch layout."""
 import pytest
 import torch
-
 from directions_testing import assert_float32_close
+
 from semantic_directions.directions.apply import DirectionEdit, Rows, mask_to_tokens, rms_token_norm, shift_feature_map
 from semantic_directions.directions.asyrp import asyrp_step
 from semantic_directions.nodes.common import parse_numbers

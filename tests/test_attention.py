@@ -1,11 +1,19 @@
 """The attention eigendirection math: formula against the host's real attention, optimality, numerics."""
 import pytest
 import torch
-
 from directions_testing import assert_float32_close
-from semantic_directions.directions.attention import (EXACT_SVD_MAX_WIDTH, METHODS, AttentionWeights,
-                                                      attention_directions, fix_signs, shift_jacobian, shift_operator,
-                                                      top_right_singular, whitening_constant)
+
+from semantic_directions.directions.attention import (
+    EXACT_SVD_MAX_WIDTH,
+    METHODS,
+    AttentionWeights,
+    attention_directions,
+    fix_signs,
+    shift_jacobian,
+    shift_operator,
+    top_right_singular,
+    whitening_constant,
+)
 
 
 def random_layer(width, heads, seed=0, dtype=torch.float64, out_bias=False):

@@ -52,6 +52,7 @@ def sd15_checkpoint(host, tmp_path_factory):
     written once per session by the host's comfy.sd.save_checkpoint; its own loader must see SD1.5."""
     import comfy.sd
     import comfy.supported_models
+
     from harness.test_nodes.unets import write_sd15_checkpoint
     path = write_sd15_checkpoint(tmp_path_factory.mktemp("checkpoints") / "small_sd15.safetensors")
     model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path))
@@ -66,7 +67,8 @@ def test_demo_runs_a_checkpoint_with_cpu_settings(sd15_checkpoint, tmp_path):
     for stage in (1, 2, 3):  # a line as each stage starts and ends, with the time since the start
         assert re.search(rf"demo \[ *\d+\.\d s\] stage {stage}/3: .* \.\.\.", result.stdout)
         assert re.search(rf"demo \[ *\d+\.\d s\] stage {stage}/3 done in \d+\.\d s", result.stdout)
-    assert re.search(rf"DDIMInvert step {QUICK_STEPS}/{QUICK_STEPS}", result.stdout)  # the inversion's progress, which has no console bar
+    # the inversion's progress, which has no console bar
+    assert re.search(rf"DDIMInvert step {QUICK_STEPS}/{QUICK_STEPS}", result.stdout)
     report = next(tmp_path.glob("demo-*/report.txt")).read_text()
     assert f"model: {sd15_checkpoint} (SD1.5)" in report
     assert re.search(r"device: cpu \(DEMO_DEVICE\), \d+ threads? \(torch's default", report)
@@ -77,7 +79,8 @@ def test_demo_runs_a_checkpoint_with_cpu_settings(sd15_checkpoint, tmp_path):
     assert all(re.search(rf"\d+\.\d+ s  {stage}", report) for stage in ("load the model", "render the strength sweep",
                                                                           "invert the photo"))
     folder = next(tmp_path.glob("demo-*"))
-    assert {"directions_whitened.safetensors", "input_photo.png", "edit_result.png"} <= {p.name for p in folder.iterdir()}
+    written = {p.name for p in folder.iterdir()}
+    assert {"directions_whitened.safetensors", "input_photo.png", "edit_result.png"} <= written
     assert Image.open(next(folder.glob("semdir_sweep_*.png"))).width == 3 * 64  # three alphas side by side
     for name in ("semdir_edited_*.png", "semdir_reconstruction_*.png", "input_photo.png"):
         assert Image.open(next(folder.glob(name))).size == (64, 64)

@@ -6,12 +6,24 @@ import struct
 
 import pytest
 import torch
+from directions_testing import SITE_A, orthonormal, sample_set
 from safetensors.torch import save_file
 
-from directions_testing import SITE_A, orthonormal, sample_set
-from semantic_directions.directions.directionset import DirectionError, DirectionSet, SiteDirections, describe, site_kind
-from semantic_directions.directions.fileformat import (FORMAT_VERSION, METADATA_KEY, DirectionFileError, load_directions,
-                                   safe_file_path, save_directions)
+from semantic_directions.directions.directionset import (
+    DirectionError,
+    DirectionSet,
+    SiteDirections,
+    describe,
+    site_kind,
+)
+from semantic_directions.directions.fileformat import (
+    FORMAT_VERSION,
+    METADATA_KEY,
+    DirectionFileError,
+    load_directions,
+    safe_file_path,
+    save_directions,
+)
 
 
 def assert_same(a: DirectionSet, b: DirectionSet):

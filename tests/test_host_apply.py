@@ -3,10 +3,10 @@ import math
 
 import pytest
 import torch
-
 from directions_testing import FLOAT32_EPS, assert_float32_close, orthonormal
-from semantic_directions.directions.directionset import DirectionSet, SiteDirections
+
 from harness.host import NodeFailed
+from semantic_directions.directions.directionset import DirectionSet, SiteDirections
 from semantic_directions.nodes.host import block_key, made_for
 
 SITE_7 = "input_blocks.7.1.transformer_blocks.0.attn1"
@@ -17,14 +17,16 @@ class Kit:
     """The host's pieces a test needs: node instances, the tiny model and directions for it."""
 
     def __init__(self, host):
-        from harness.test_nodes.unets import build_unet
         import comfy.sample
         import comfy.samplers
+
+        from harness.test_nodes.unets import build_unet
         self.host, self.build_unet, self.comfy_sample, self.samplers = host, build_unet, comfy.sample, comfy.samplers
         registry = host.nodes.NODE_CLASS_MAPPINGS
         self.apply_node, self.asyrp_node = registry["ApplyDirection"](), registry["AsyrpSampler"]()
         self.model = build_unet("sd15", seed=0)
-        self.directions = registry["DiscoverAttentionEigendirections"]().discover(self.model, "all", 4, "whitened", 1.0)[0]
+        discover = registry["DiscoverAttentionEigendirections"]()
+        self.directions = discover.discover(self.model, "all", 4, "whitened", 1.0)[0]
         self.hspace = DirectionSet(sites={"h_space": SiteDirections(orthonormal(3, 128, 1))}, method="test",
                                    model=made_for(self.model))
 
@@ -120,7 +122,8 @@ def test_alpha_zero_or_a_range_with_no_step_is_bit_identical(kit):
 def test_edit_fires_only_on_named_layers_and_steps_inside_the_range(kit):
     recorder = Recorder(kit)
     start, end = 0.3, 0.6
-    patched = recorder.wrap(kit.model, lambda m: kit.apply(m, layer="input_blocks.7, middle_block", start=start, end=end))
+    patched = recorder.wrap(kit.model,
+                            lambda m: kit.apply(m, layer="input_blocks.7, middle_block", start=start, end=end))
     kit.sample(patched, steps=8, cfg=2.0)
     sampling = kit.model.get_model_object("model_sampling")
     high, low = sampling.percent_to_sigma(start), sampling.percent_to_sigma(end)
@@ -192,8 +195,8 @@ def test_hspace_edit_changes_only_the_middle_output(kit):
     assert fired == {"h_space"}
     delta = next(e for e in recorder.events if e["site"] == "h_space")["delta"][0]  # [C, H, W]
     # the delta is 0.3 times h's norm and rounds at h's scale: errors near 4e-7 at most (measured: 2e-8)
-    assert torch.allclose(delta.mean(dim=(1, 2)) / delta.mean(dim=(1, 2)).norm(), kit.hspace.sites["h_space"].vectors[0],
-                          atol=1e-5)
+    mean = delta.mean(dim=(1, 2))
+    assert torch.allclose(mean / mean.norm(), kit.hspace.sites["h_space"].vectors[0], atol=1e-5)
 
 
 def test_clone_isolation_fp16_and_lora_models(kit):
@@ -316,7 +319,8 @@ def test_graph_discover_apply_sample_decode_save(host):
             "model": ["a", 0], "seed": 0, "steps": 3, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal",
             "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["lat", 0], "denoise": 1.0}},
         "dec": {"class_type": "VAEDecode", "inputs": {"samples": ["k", 0], "vae": ["v", 0]}},
-        "g": {"class_type": "LabelledImageGrid", "inputs": {"images": ["dec", 0], "labels": "-0.5, 0, 0.5", "columns": 0}},
+        "g": {"class_type": "LabelledImageGrid",
+              "inputs": {"images": ["dec", 0], "labels": "-0.5, 0, 0.5", "columns": 0}},
         "save": {"class_type": "SaveImage", "inputs": {"images": ["g", 0], "filename_prefix": "sweep"}},
     }, cached=False)
     saved = outputs["save"]["images"]

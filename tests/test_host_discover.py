@@ -3,10 +3,10 @@ import hashlib
 
 import pytest
 import torch
+from graphs import discover_and_save
 
 from semantic_directions.directions.attention import AttentionWeights, attention_directions
 from semantic_directions.directions.fileformat import load_directions
-from graphs import discover_and_save
 
 PATH_7 = "input_blocks.7.1.transformer_blocks.0.attn1"
 
@@ -174,6 +174,7 @@ def test_bad_inputs_get_clear_errors(host, tiny):
 def sd3_with_layer_norms():
     """A tiny SD3 whose attention normalises q and k with LayerNorm (qk_norm 'ln'), which the math does not cover."""
     import comfy.supported_models
+
     from harness.test_nodes.dits import SD35_DIT, TINY_SD3
     config = comfy.supported_models.SD3({**SD35_DIT, **TINY_SD3, "qk_norm": "ln", "dtype": torch.float32})
     config.set_inference_dtype(torch.float32, None)
@@ -182,6 +183,7 @@ def sd3_with_layer_norms():
 
 def unet_without_attention():
     import comfy.supported_models
+
     from harness.test_nodes.unets import SD15_UNET
     config = comfy.supported_models.SD15(dict(
         SD15_UNET, model_channels=32, context_dim=32, transformer_depth=[0] * 8, transformer_depth_middle=0,

@@ -5,10 +5,14 @@ import re
 
 import pytest
 import torch
-
 from directions_testing import assert_reverse_products_transpose_forward_ones
-from semantic_directions.directions.attention import (AttentionWeights, attention_directions, shift_jacobian,
-                                                      shift_operator)
+
+from semantic_directions.directions.attention import (
+    AttentionWeights,
+    attention_directions,
+    shift_jacobian,
+    shift_operator,
+)
 
 TEXT, GRID = 5, (3, 4)  # text tokens, image token grid
 
@@ -151,6 +155,7 @@ def test_exact_response_matches_the_hosts_sd3_joint_block(host):
     """The same for SD3.5's joint block (the host's _block_mixing): the image stream's attention with RMS-normed q
     and k, no rotary positions, the context block's tokens (their own weights) as unshifted context."""
     from comfy.ldm.modules.diffusionmodules import mmdit
+
     from harness.test_nodes.dits import build_dit
     model = build_dit("sd3", seed=1).model.diffusion_model
     block = copy.deepcopy(model.joint_blocks[0]).double()
@@ -188,9 +193,8 @@ def test_exact_response_matches_the_hosts_qwen_image_block(host):
     """The same for Qwen-Image's block: q, k and v from separate linears (to_q, to_k, to_v) with biases, RMS-normed
     q and k, rotary positions on the text and image tokens (text first, at positions of their own), the text
     stream's projections as unshifted context. The pack reads the same weights from the patcher."""
-    from semantic_directions.nodes import host as host_layer
-
     from harness.test_nodes.dits import build_dit
+    from semantic_directions.nodes import host as host_layer
     patcher = build_dit("qwen", seed=1)
     model = patcher.model.diffusion_model
     block = copy.deepcopy(model.transformer_blocks[1]).double()
@@ -309,6 +313,7 @@ class FluxKit:
 
     def __init__(self, host, family):
         import comfy.samplers
+
         from harness.test_nodes.dits import build_dit
         self.host, self.samplers, self.family = host, comfy.samplers, family
         self.build = lambda **options: build_dit(family, **options)
@@ -521,6 +526,7 @@ def test_ddim_invert_round_trip_on_flux(flux_kit, host):
     (SamplerCustom's path) reconstructs the latent; an edit applied while sampling back changes it."""
     import comfy.sample
     import comfy.samplers
+
     from harness.test_nodes.unets import with_gaussian_prior
     model = with_gaussian_prior(flux_kit.build(seed=6))
     positive = [[text(1)[0][0], {**text(1)[0][1], "guidance": 4.0}]]
@@ -583,6 +589,7 @@ def test_pca_and_the_jacobian_at_a_transformer_site(flux_kit, host):
     basis vector (within 1%)."""
     import comfy.sample
     import comfy.samplers
+
     from semantic_directions.directions.directionset import DirectionSet, SiteDirections
     site = flux_kit.sites[0][0]
     registry = host.nodes.NODE_CLASS_MAPPINGS

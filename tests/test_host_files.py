@@ -1,12 +1,11 @@
 """Host layer: the pack loaded by the real host, and Save/Load Directions run by its executor."""
 import pytest
+from directions_testing import sample_set
+from graphs import save_loaded_directions
 from safetensors import safe_open
 
-from directions_testing import sample_set
-from semantic_directions.directions.fileformat import save_directions
-from graphs import save_loaded_directions
 from harness.host import PACK_NODES, NodeFailed, PromptRejected
-
+from semantic_directions.directions.fileformat import save_directions
 
 
 def file_contents(path):

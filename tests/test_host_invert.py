@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from directions_testing import assert_float32_close
+
 from harness.inversion import fixed_point_sampler, invert_with, sample_back, schedule
 from semantic_directions.directions.inversion import anderson_solve
 
@@ -54,8 +54,9 @@ class Kit:
     the scale SD's VAE produces (unit variance once the host scales it in)."""
 
     def __init__(self, host):
-        from harness.test_nodes.unets import build_unet, with_gaussian_prior
         import comfy.samplers
+
+        from harness.test_nodes.unets import build_unet, with_gaussian_prior
         self.host, self.samplers = host, comfy.samplers
         self.build = lambda **options: with_gaussian_prior(build_unet("sd15", **options))  # noqa: E731
         self.invert_node = host.nodes.NODE_CLASS_MAPPINGS["DDIMInvert"]()
@@ -134,7 +135,8 @@ def test_accelerated_inversion_beats_plain_fixed_point_refinement_at_fewer_model
             kit.model, fixed_point_sampler(refine), kit.latent["samples"], sigmas, kit.conditioning()))
         errors = [relative_error(kit.sample_back(latent), kit.latent["samples"])
                   for latent in (accelerated, {"samples": fixed_point})]
-        print(f"refine {refine}: accelerated {errors[0]:.2e} in {calls} calls, fixed point {errors[1]:.2e} in {fixed_calls}")
+        print(f"refine {refine}: accelerated {errors[0]:.2e} in {calls} calls, "
+              f"fixed point {errors[1]:.2e} in {fixed_calls}")
         assert calls <= fixed_calls == 10 * (1 + refine) and errors[0] < errors[1] / 20
 
 
@@ -221,7 +223,8 @@ def test_noise_output_starts_sampling_at_the_inverted_latent(kit):
 
 
 def test_bad_inputs(kit):
-    with pytest.raises(ValueError, match=r"latent: this SD15 model takes 4-D latents \[batch, channels, height, width\], got shape \[4, 8, 8\]"):
+    with pytest.raises(ValueError, match=r"latent: this SD15 model takes 4-D latents "
+                                         r"\[batch, channels, height, width\], got shape \[4, 8, 8\]"):
         kit.invert(latent={"samples": torch.zeros(4, 8, 8)})
     with pytest.raises(ValueError, match="latent: the batch is empty"):
         kit.invert(latent={"samples": torch.zeros(0, 4, 8, 8)})
@@ -258,7 +261,8 @@ def test_graph_invert_edit_and_reconstruct(host, kit):
     """image -> VAEEncode -> DDIM Invert -> Apply Direction -> KSamplerAdvanced -> VAEDecode -> SaveImage."""
     import numpy as np
     from PIL import Image
-    Image.fromarray((gradient_image()[0].numpy() * 255).round().astype(np.uint8)).save(host.base / "input" / "photo.png")
+    pixels = (gradient_image()[0].numpy() * 255).round().astype(np.uint8)
+    Image.fromarray(pixels).save(host.base / "input" / "photo.png")
 
     def graph(alpha):
         return {

@@ -1,8 +1,7 @@
 """Host layer: the test-only tiny UNet is a real host model that stock samplers run."""
 import torch
-from safetensors.torch import load_file
-
 from graphs import tiny_sampling
+from safetensors.torch import load_file
 
 
 def test_tiny_unet_samples_through_ksampler(host):

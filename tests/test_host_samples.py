@@ -4,8 +4,8 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-
 from directions_testing import assert_reverse_products_transpose_forward_ones, orthonormal
+
 from semantic_directions.directions.directionset import DirectionSet, SiteDirections, describe
 from semantic_directions.nodes.host import made_for
 
@@ -55,7 +55,7 @@ def test_pca_recovers_a_direction_planted_in_the_activations(kit, site):
 
 def test_pca_is_deterministic_for_a_seed_and_records_every_chosen_site(kit):
     model, pca_node, *_ = kit
-    first, second = pca(pca_node, model, site="h_space, input_blocks.7"), pca(pca_node, model, site="h_space, input_blocks.7")
+    first, second = (pca(pca_node, model, site="h_space, input_blocks.7") for _ in range(2))
     assert list(first[0].sites) == [SITE_7, "h_space"]
     for site in first[0].sites:
         assert torch.equal(first[0].sites[site].vectors, second[0].sites[site].vectors)
@@ -92,7 +92,8 @@ def test_the_prompt_pair_direction_is_the_mean_difference_recorded_independently
     dset, source_samples, target_samples = pair_node.direction(
         model, conditioning(1), conditioning(7), conditioning(2), latent(4), **SAMPLING, site=site,
         start_percent=0.0, end_percent=1.0, source_name="neutral", target_name="smiling")
-    (source, source_norms), (target, target_norms) = (recorded_independently(model, conditioning(c), site) for c in (1, 7))
+    (source, source_norms), (target, target_norms) = (recorded_independently(model, conditioning(c), site)
+                                                      for c in (1, 7))
     difference = target.mean((0, 1)) - source.mean((0, 1))
     scale = (source_norms.mean() + target_norms.mean()) / 2
     found = dset.sites[site]
@@ -244,7 +245,8 @@ def test_jacobian_directions_match_finite_differences_of_the_host_model(host, ki
 @pytest.mark.parametrize("site, cfg", [("h_space", 1.0), (SITE_7, 1.0), (SITE_7, 4.0)])
 def test_the_jacobians_reverse_products_are_its_forward_ones_transposed(kit, site, cfg):
     image = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))}
-    assert_reverse_products_transpose_forward_ones(kit[0], conditioning(1), conditioning(2), image["samples"], site, cfg)
+    assert_reverse_products_transpose_forward_ones(kit[0], conditioning(1), conditioning(2), image["samples"], site,
+                                                   cfg)
 
 
 def test_a_model_refusing_reverse_mode_gets_its_jacobian_formed(host, kit, caplog):

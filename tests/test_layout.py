@@ -90,6 +90,14 @@ def test_registry_security_checks_pass():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_code_passes_the_projects_lint_rules():
+    """ruff with pyproject.toml's rules (pyflakes, pycodestyle at 120 columns, import order with the host's modules
+    in their own section, bugbear): new code keeps the style of the rest."""
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(REPO)], capture_output=True,
+                            text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 # Cited paths: a repository folder, then a file name with an extension. The lookbehind keeps out
 # URLs and paths inside other folders (``models/directions/x.safetensors``), and ``*`` or ``<``
 # (``workflows/*.json``, ``workflows/<name>.jpg``) stop a match, since those are patterns.
@@ -159,8 +167,8 @@ def test_code_cites_nothing_outside_the_repository(folder):
 
 def test_a_process_holds_one_copy_of_the_library(host):
     """Tests, benchmarks and the demo import the very modules the host's nodes run (one DirectionSet class)."""
-    from semantic_directions.directions.directionset import DirectionSet
     from harness.test_nodes.unets import build_unet
+    from semantic_directions.directions.directionset import DirectionSet
     made = host.nodes.NODE_CLASS_MAPPINGS["DiscoverAttentionEigendirections"]().discover(
         build_unet("sd15"), "input_blocks.1", 2, "value", 1.0)[0]
     assert isinstance(made, DirectionSet)

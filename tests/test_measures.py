@@ -3,8 +3,7 @@
 import numpy as np
 import pytest
 
-from benchmarks.measures import (bootstrap_interval, bootstrap_resamples, ceiling_directions, effect, purity,
-                                 seed_slopes)
+from benchmarks.measures import bootstrap_interval, bootstrap_resamples, ceiling_directions, effect, purity, seed_slopes
 from world.oracle import posterior_mean
 
 PATTERN = np.random.default_rng(0).standard_normal((2, 24))
@@ -122,9 +121,10 @@ def test_the_ceilings_gradient_is_the_slope_apply_direction_produces(host, site)
     seeds, agrees within 5% of the largest factor change (measured: within 1%; at alpha 0.05 h-space is
     already 13% off, the third-order term, which is why the benchmark sweeps h-space over smaller alphas)."""
     import torch
+
     from benchmarks.bench_semantics import World, sampler_of, unit_set
-    from semantic_directions.nodes.host import made_for
     from semantic_directions.directions import directionset
+    from semantic_directions.nodes.host import made_for
     world = World(host, seeds=2)
     gradients = world.factor_gradients(site)
     direction = np.random.default_rng(7).standard_normal(gradients.shape[1])

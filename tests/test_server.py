@@ -5,9 +5,9 @@ import uuid
 
 import pytest
 import requests
+from graphs import save_loaded_directions
 from safetensors import safe_open
 
-from graphs import save_loaded_directions
 from harness.host import PACK_DIR_NAME, PACK_NODES, REPO
 
 PROMPT_TIMEOUT_S = 120

@@ -1,10 +1,16 @@
 """Library layer: channel-wise SVD, Explore's scaling, subspace distances and the attribute fit on plain tensors."""
 import pytest
 import torch
-
 from directions_testing import assert_float32_close
-from semantic_directions.directions.svd import AttributeWeights, channel_svd, components, scale_singular_value, subspace_distance, \
-    transfer_attribute
+
+from semantic_directions.directions.svd import (
+    AttributeWeights,
+    channel_svd,
+    components,
+    scale_singular_value,
+    subspace_distance,
+    transfer_attribute,
+)
 
 
 def latent(seed, shape=(1, 4, 64, 64)):

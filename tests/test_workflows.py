@@ -173,7 +173,8 @@ def check_discover_and_sweep(host, workflow, outputs):
     grid = saved(host, outputs, save)
     tiles = [grid[24:, i * TINY_SIZE:(i + 1) * TINY_SIZE] for i in range(5)]
     differences = [float(np.abs(tile - tiles[0]).max()) for tile in tiles[1:]]
-    assert max(differences) <= 2, differences  # batched arithmetic may round one step apart; other noise differs by far more
+    # batched arithmetic may round one step apart; other noise differs by far more
+    assert max(differences) <= 2, differences
 
 
 def grid_tiles(host, workflow, outputs, count=5):
@@ -227,7 +228,9 @@ def check_flux_discover_and_sweep(host, workflow, outputs):
 
 EXTRA_CHECKS = {"named_direction.json": check_named_direction, "flux_edit_real_image.json": check_flux_edit_real_image,
                 "flux_discover_and_sweep.json": check_flux_discover_and_sweep,
-                "directions_from_examples.json": check_directions_from_examples, "localized_edit.json": check_localized_edit, "discover_and_sweep.json": check_discover_and_sweep, "edit_real_image.json": check_edit_real_image, "save_and_reuse.json": check_save_and_reuse}
+                "directions_from_examples.json": check_directions_from_examples,
+                "localized_edit.json": check_localized_edit, "discover_and_sweep.json": check_discover_and_sweep,
+                "edit_real_image.json": check_edit_real_image, "save_and_reuse.json": check_save_and_reuse}
 
 
 @pytest.mark.parametrize("name", sorted(path.name for path in WORKFLOWS.glob("*.json")))

@@ -84,10 +84,12 @@ def test_widening_the_model_keeps_its_function(host):
     """world/model.py ``widen`` (how a wider model starts from the committed one): twice the channels and
     head width, the same predictions at every noise level, to float32 rounding of outputs of order 1."""
     import torch
+
     from world.model import WEIGHTS, build_model, empty_context, read_weights, unet_config, widen
     from world.quality import held_out_faces, noised
     weights, prediction, unet = read_weights(WEIGHTS)
-    narrow, wide = build_model(prediction=prediction, unet=unet), build_model(prediction=prediction, unet=unet_config(64))
+    narrow = build_model(prediction=prediction, unet=unet)
+    wide = build_model(prediction=prediction, unet=unet_config(64))
     narrow.diffusion_model.load_state_dict(weights)
     wide.diffusion_model.load_state_dict(widen(weights, wide.diffusion_model.state_dict(), seed=0))
     assert sum(p.numel() for p in wide.parameters()) > 3.9 * sum(p.numel() for p in narrow.parameters())
@@ -95,5 +97,6 @@ def test_widening_the_model_keeps_its_function(host):
     for sigma in (0.1, 1.0, 4.0, 14.0):
         x = torch.from_numpy(noised(faces, sigma)).float().permute(0, 3, 1, 2)
         with torch.no_grad():
-            before, after = (m.apply_model(x, torch.full((4,), sigma), c_crossattn=empty_context(4)) for m in (narrow, wide))
+            before, after = (m.apply_model(x, torch.full((4,), sigma), c_crossattn=empty_context(4))
+                             for m in (narrow, wide))
         assert (after - before).abs().max() < 1e-4 * before.abs().max(), sigma

@@ -1,7 +1,7 @@
 """The faces world's diffusion model: a small UNet of the host's own classes with SD's block structure
 (self-attention in the encoder, middle and decoder), v-prediction (the weights' metadata says which;
-the first model predicted eps) on the host's default discrete schedule, in pixel space (3 channels; the host's identity VAE, a state dict holding only
-``pixel_space_vae``, maps images to [-1, 1] and back).
+the first model predicted eps) on the host's default discrete schedule, in pixel space (3 channels; the host's
+identity VAE, a state dict holding only ``pixel_space_vae``, maps images to [-1, 1] and back).
 
 Needs the host's modules importable (``comfy``), as inside ComfyUI or after ``harness.comfyui.make_importable()``.
 """
@@ -96,7 +96,8 @@ def widen(narrow: dict, wide: dict, seed: int) -> dict:
         for dim, (a, b) in enumerate(zip(tensor.shape, target)):
             if a == b:
                 continue
-            if name == "time_embed.0.weight" and dim == 1:  # the sinusoids: [cos(f_i t), sin(f_i t)], f_i = 10000^(-i / half)
+            # the sinusoids: [cos(f_i t), sin(f_i t)], f_i = 10000^(-i / half)
+            if name == "time_embed.0.weight" and dim == 1:
                 sinusoids = torch.zeros(t.shape[0], b)
                 sinusoids[:, 0:a:2], sinusoids[:, a::2] = t[:, :a // 2], t[:, a // 2:]
                 t = sinusoids

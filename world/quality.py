@@ -20,7 +20,8 @@ import torch
 
 from .faces import FACTORS, SIZE, dataset
 from .oracle import posterior_means, psnr
-from .regressor import HELD_OUT_SEED, load as load_regressor, read_and_redraw
+from .regressor import HELD_OUT_SEED, read_and_redraw
+from .regressor import load as load_regressor
 
 SIGMAS = (1.0, 4.0)
 NOISE_SEED = 7
@@ -79,6 +80,7 @@ def noise_level(pixels: np.ndarray) -> np.ndarray:
 def sample(patcher, count: int, seed: int = 0) -> np.ndarray:
     """uint8 [count, 32, 32, 3]: the host's KSampler (ddim, 20 steps, cfg 1) and its identity VAE."""
     import nodes
+
     from .model import empty_context, pixel_vae
     empty = [[empty_context(1), {}]]
     latent = {"samples": torch.zeros(count, 3, SIZE, SIZE)}
@@ -102,7 +104,8 @@ def sample_quality(pixels: np.ndarray) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--weights", default="", help="exported weights or a training checkpoint (default: the committed model)")
+    parser.add_argument("--weights", default="",
+                        help="exported weights or a training checkpoint (default: the committed model)")
     parser.add_argument("--faces", type=int, default=16)
     parser.add_argument("--samples", type=int, default=32)
     parser.add_argument("--no-oracle", action="store_true", help="skip the oracle (minutes) and report the model only")

@@ -28,7 +28,8 @@ def main(count: int = 32, columns: int = 8, scale: int = 3):
           f"(quartiles {figures['redraw_psnr_quartiles'][0]:.1f}, {figures['redraw_psnr_quartiles'][1]:.1f}); "
           f"visibly noisy: {figures['noisy_samples']} of {count} (noise estimate median {figures['noise_median']:.1f}, "
           f"max {figures['noise_max']:.1f}, clean faces' max {figures['clean_noise_max']:.1f}); factor spread "
-          "(standard deviation; uniform is 0.29) " + ", ".join(f"{n} {v:.2f}" for n, v in figures["factor_spread"].items()))
+          "(standard deviation; uniform is 0.29) "
+          + ", ".join(f"{n} {v:.2f}" for n, v in figures["factor_spread"].items()))
 
 
 if __name__ == "__main__":

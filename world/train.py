@@ -32,7 +32,16 @@ host_args.cpu = DEVICE == "cpu"
 
 from world.faces import dataset  # noqa: E402
 from world.model import (  # noqa: E402
-    IMAGE_SIZE, UNET, WEIGHTS as EXPORT, build_model, empty_context, initialise, read_weights, unet_config, widen)
+    IMAGE_SIZE,
+    UNET,
+    build_model,
+    empty_context,
+    initialise,
+    read_weights,
+    unet_config,
+    widen,
+)
+from world.model import WEIGHTS as EXPORT  # noqa: E402
 
 
 def arguments():
@@ -137,7 +146,8 @@ def main():
         if step % args.every == 0 or step == args.steps:
             save_checkpoint(args.checkpoint, unet, ema, optimizer, step, settings, losses)
     if args.export:
-        metadata = {"steps": str(step), "prediction": args.prediction, "settings": json.dumps(settings), "unet": f"world/model.py unet_config({args.width})",
+        metadata = {"steps": str(step), "prediction": args.prediction, "settings": json.dumps(settings),
+                    "unet": f"world/model.py unet_config({args.width})",
                     "final_loss": str(sum(losses[-200:]) / max(len(losses[-200:]), 1))}
         save_file({k: v.half().contiguous().cpu() for k, v in ema.items()}, str(EXPORT), metadata=metadata)
         print(f"wrote {EXPORT} ({EXPORT.stat().st_size / 2 ** 20:.1f} MB)")

@@ -58,7 +58,8 @@ FAMILIES = {
 
 
 def build_dit(family="flux", seed=0, dtype=torch.float32, full_size=False, **overrides):
-    """A ModelPatcher around the host's model of ``family`` (flux, flux2, chroma, sd3, qwen), weights drawn from ``seed``;
+    """A ModelPatcher around the host's model of ``family`` (flux, flux2, chroma, sd3, qwen), weights drawn from
+    ``seed``;
     ``overrides`` change the config. Tiny models keep the family's latent channels and patch size."""
     config_class, full, tiny = FAMILIES[family]
     model_config = config_class({**full, **({} if full_size else tiny), **overrides})

@@ -1,7 +1,8 @@
 """Everything the pack reads from the host's internals, in one place, so a host change is a local change.
 
 A model's attention sites and their weights as a patcher sees them (UNet self-attention layers here,
-transformer blocks in :mod:`.dit`); the attention-layer path format; how the host lays out a model batch (cond/uncond chunks) and the keys its patches receive;
+transformer blocks in :mod:`.dit`); the attention-layer path format; how the host lays out a model batch
+(cond/uncond chunks) and the keys its patches receive;
 its model sampling (sigma schedule, flow or not, noise scaling) and latent format; its ancestral step.
 """
 import contextlib

@@ -231,7 +231,8 @@ class OutputShift:
             return None
         versions = tuple(None if t.is_inference() else t._version for t in (weight, vectors))
         return (id(module), id(weight), weight.data_ptr(), *versions, id(vectors), vectors.data_ptr(), x.dtype,
-                x.device, *map(id, getattr(module, "weight_function", ())), *map(id, getattr(module, "bias_function", ())))
+                x.device, *map(id, getattr(module, "weight_function", ())),
+                *map(id, getattr(module, "bias_function", ())))
 
 
 def add_shifts(patcher, shifts: list) -> None:
