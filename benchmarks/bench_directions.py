@@ -11,6 +11,11 @@ BATCH images, STEPS ddim steps at cfg CFG (two model rows per image and step), h
 Each reports its seconds and its model evaluations (UNet rows: one model call for one image, counted
 at the UNet), beside one plain sampling of the same batch timed in the same run, so the ratio says
 what recording costs on top of sampling.
+
+--quick (minutes on a CPU, where the above takes hours): only Directions From Image at h-space, its defaults,
+on one image at a QUICK_LATENT x QUICK_LATENT latent, against forming the Jacobian: the node's seconds and its
+forward- and reverse-mode rows, and what forming J would take (one forward-mode row per channel), its seconds
+estimated from FORWARD_CHUNK such rows timed in the same run (jacobian_formed_s_estimate).
 """
 import time
 
@@ -18,11 +23,33 @@ import torch
 
 from benchmarks.common import UNetRows, arguments, report, start_host
 
-BATCH, STEPS, CFG, LATENT = 8, 20, 7.0, 64
+BATCH, STEPS, CFG, LATENT, QUICK_LATENT = 8, 20, 7.0, 64, 8
+
+
+def jacobian_against_formed(model, registry, prompt, size: int) -> dict:
+    """Directions From Image's defaults at h-space on one image, beside the cost of forming its Jacobian."""
+    from semantic_directions.nodes.jacobian import FORWARD_CHUNK, RowProgress, site_widths, with_jacobian
+    image = {"samples": torch.randn(1, 4, size, size, generator=torch.Generator().manual_seed(1))}
+    with UNetRows(model) as counter:
+        start = time.perf_counter()
+        registry["DirectionsFromImage"]().directions(model, prompt, prompt, image, 0, 0.3, 1.0, "h_space", 8)
+        seconds = time.perf_counter() - start
+    width, timed_rows = site_widths(model, ["h_space"])["h_space"], {}
+
+    def forward_rows(apply, apply_t, width):
+        start = time.perf_counter()
+        apply(torch.eye(width)[:, :FORWARD_CHUNK])
+        timed_rows["s"] = time.perf_counter() - start
+    sigmas = torch.tensor([float(model.get_model_object("model_sampling").percent_to_sigma(0.3)), 0.0])
+    run = with_jacobian(model, prompt, prompt, image["samples"], 0, sigmas, 1.0, "h_space", forward_rows,
+                        RowProgress(FORWARD_CHUNK))
+    return {"jacobian_latent": list(image["samples"].shape), "jacobian_s": round(seconds, 2),
+            "jacobian_model_evaluations": counter.rows, "jacobian_formed_model_evaluations": width,
+            "jacobian_formed_s_estimate": round(timed_rows["s"] * width / run.model_rows["forward"], 1)}
 
 
 def main():
-    args = arguments(__doc__)
+    args = arguments(__doc__, quick="only Directions From Image against forming its Jacobian, at an 8 x 8 latent")
     host = start_host(args.device)
     import comfy.sample
 
@@ -31,6 +58,11 @@ def main():
     model = build_unet("sd15", full_size=True)
     generator = torch.Generator().manual_seed(0)
     prompts = [[[torch.randn(1, 77, 768, generator=generator), {}]] for _ in range(3)]
+    if args.quick:
+        report({"device": args.device, "threads": torch.get_num_threads(), "unet": "sd15 full size, random weights",
+                "site": "h_space", "count": 8, **jacobian_against_formed(model, registry, prompts[0], QUICK_LATENT)},
+               args.json)
+        return
     latent = {"samples": torch.zeros(BATCH, 4, LATENT, LATENT)}
     sampling = (0, "enable", STEPS, CFG, "ddim", "normal")
 

@@ -515,7 +515,7 @@ def named_pairs(results, means, sets, ceiling_table, resamples, method: str, fac
 
 
 def main():
-    args = arguments(__doc__, quick=True)
+    args = arguments(__doc__, quick="fewer seeds, sites and directions: minutes, for development")
     plan = QUICK if args.quick else FULL
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, flush=True))
     timings, started = {}, [time.perf_counter()]

@@ -12,11 +12,11 @@ from harness.host import shared_host
 REPO = Path(__file__).resolve().parent.parent
 
 
-def arguments(description: str, quick: bool = False):
+def arguments(description: str, quick: str = ""):
+    """--json and --device, and --quick where ``quick`` says what it leaves out."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     if quick:
-        parser.add_argument("--quick", action="store_true",
-                            help="fewer seeds, sites and directions: minutes, for development")
+        parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--json", action="store_true", help="print one JSON object (the figures) and nothing else")
     parser.add_argument("--device", default="cpu", help="cpu, or cuda to run on the host's GPU")
     return parser.parse_args()
