@@ -102,7 +102,7 @@ class JacobianRun(comfy.samplers.Sampler):
             return in_latent_units(model_wrap.inner_model, out).flatten(1)
 
         def forward(chunk):  # [p, C] -> (J chunk^T)^T, [p, m]
-            with forward_ad.dual_level():
+            with forward_ad.dual_level(), host.tangent_attention():
                 tangent = forward_ad.unpack_dual(predict(forward_ad.make_dual(torch.zeros_like(chunk), chunk))).tangent
             return self.reached(tangent).float().cpu()
 
@@ -266,6 +266,7 @@ def with_jacobian(model, positive, negative, samples, seed: int, sigmas, cfg: fl
     ``samples`` [1, ...] noised with ``seed`` to sigmas[0], inside the host's guider; the finished run."""
     patch = DerivativeShift(site)
     patched = model.clone()
+    host.forward_mode_attention(patched)
     if site_kind(site) == ATTN1:
         patched.set_model_attn1_patch(patch.attention_input)
     elif site_kind(site) == DIT:

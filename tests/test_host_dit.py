@@ -629,6 +629,18 @@ def test_the_jacobians_reverse_products_are_its_forward_ones_transposed_at_trans
                                                    flux_kit.sites[which][0], cfg=2.0)
 
 
+def test_the_jacobian_passes_pytorch_attention_called_without_transformer_options(host, monkeypatch):
+    """SD3's blocks call the host's attention without the transformer options that carry attention overrides; on
+    NVIDIA GPUs that is PyTorch's fused attention, which has no forward-mode rule: the forward products still
+    pass it, and equal the reverse ones transposed."""
+    import comfy.ldm.modules.attention as attention
+    from comfy.ldm.modules.diffusionmodules import mmdit
+    kit = FluxKit(host, "sd3")
+    monkeypatch.setattr(mmdit, "optimized_attention", attention.attention_pytorch)
+    samples = torch.randn(1, *kit.latent_shape, generator=torch.Generator().manual_seed(9))
+    assert_reverse_products_transpose_forward_ones(kit.model, text(1), text(2), samples, kit.sites[0][0], cfg=2.0)
+
+
 def test_asyrp_sampler_takes_flux_attention_edits(flux_kit, host):
     """The Asyrp Sampler sees Apply Direction's edits at Flux sites: outside their range it samples as the host's
     ddim; inside it, its asymmetric step differs from a plain step with the same edit."""

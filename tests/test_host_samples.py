@@ -4,7 +4,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from directions_testing import assert_reverse_products_transpose_forward_ones, orthonormal
+from directions_testing import assert_float32_close, assert_reverse_products_transpose_forward_ones, orthonormal
 
 from semantic_directions.directions.directionset import DirectionSet, SiteDirections, describe
 from semantic_directions.nodes.host import made_for
@@ -327,6 +327,54 @@ def test_the_jacobian_runs_as_the_host_runs_nodes_in_inference_mode(host, kit):
         assert all(torch.equal(before[name], tensor) for name, tensor in model.model.state_dict().items())
     outside = node.directions(kit[0], conditioning(1), conditioning(2), image, 3, 0.3, 1.0, "h_space", 3)[0]
     assert torch.equal(inside.sites["h_space"].vectors, outside.sites["h_space"].vectors)
+
+
+def test_pytorch_attention_gets_forward_mode_derivatives_a_block_of_queries_at_a_time(host, monkeypatch):
+    """PyTorch's fused attention kernels have no forward-mode rule (on this CPU as on NVIDIA GPUs); inside
+    tangent_attention the same call runs the math backend in blocks of queries, values and tangents exact."""
+    import torch.autograd.forward_ad as forward_ad
+
+    from semantic_directions.nodes import host as host_layer
+    generator = torch.Generator().manual_seed(4)
+    q, k, v, dq, dk, dv = (torch.randn(2, 3, n, 8, generator=generator, dtype=torch.float64)
+                           for n in (10, 12, 12, 10, 12, 12))
+    mask = torch.randn(2, 1, 10, 12, generator=generator, dtype=torch.float64)
+    with forward_ad.dual_level():
+        duals = [forward_ad.make_dual(t.float(), d.float()) for t, d in ((q, dq), (k, dk), (v, dv))]
+        with pytest.raises(NotImplementedError, match="forward AD"):
+            F.scaled_dot_product_attention(*duals)
+        monkeypatch.setattr(host_layer, "ATTENTION_BLOCK_BYTES", 3 * 2 * 3 * 12 * 4 * 2)  # 3 queries a block
+        with host_layer.tangent_attention():
+            found = forward_ad.unpack_dual(F.scaled_dot_product_attention(*duals, attn_mask=mask.float()))
+        exact = forward_ad.unpack_dual(torch.softmax(
+            forward_ad.make_dual(q, dq) @ forward_ad.make_dual(k, dk).transpose(-1, -2) / 8 ** 0.5 + mask, dim=-1)
+            @ forward_ad.make_dual(v, dv))
+    assert_float32_close(found.primal, exact.primal)
+    assert_float32_close(found.tangent, exact.tangent)
+
+
+@pytest.mark.parametrize("chosen", ["by the host", "by an override"])
+def test_the_jacobian_passes_the_fused_attention_gpus_run(host, kit, monkeypatch, chosen):
+    """On NVIDIA GPUs the host attends with PyTorch's fused kernels (or another pack overrides its attention with
+    them): the forward products take the host's sub-quadratic attention instead, the other calls keep the chosen
+    one, and the directions are those found with the sub-quadratic attention throughout."""
+    import comfy.ldm.modules.attention as attention
+    node = host.nodes.NODE_CLASS_MAPPINGS["DirectionsFromImage"]()
+    image = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))}
+    expected = node.directions(kit[0], conditioning(1), conditioning(2), image, 3, 0.3, 2.0, "input_blocks.7", 3)[0]
+    model, calls = kit[0].clone(), []
+    if chosen == "by the host":
+        monkeypatch.setattr(attention, "optimized_attention", attention.attention_pytorch)
+    else:
+        def fused(func, *args, **kwargs):
+            calls.append(args[0].requires_grad)
+            return attention.attention_pytorch(*args, **kwargs)
+        model.model_options["transformer_options"]["optimized_attention_override"] = fused
+    found = node.directions(model, conditioning(1), conditioning(2), image, 3, 0.3, 2.0, "input_blocks.7", 3)[0]
+    if chosen == "by an override":  # it kept the reverse passes (inputs requiring grad); a forward-mode call would fail
+        assert any(calls)
+    # the same products up to float32 rounding in the reverse passes' attention: the same gains to ~1e-6
+    assert torch.allclose(found.sites[SITE_7].gains, expected.sites[SITE_7].gains, rtol=1e-4)
 
 
 def test_the_grid_names_a_pairs_sweep(host, kit):

@@ -12,8 +12,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.attention
 
 import comfy.k_diffusion.sampling
+import comfy.ldm.modules.attention
 import comfy.lora
 import comfy.model_management
 import comfy.model_sampling
@@ -43,6 +45,9 @@ PASSES = {"both": (COND, UNCOND), "cond": (COND,), "uncond": (UNCOND,)}
 UNEDITED = "semantic_directions_unedited"
 SAMPLER = "semantic_directions_sampler"
 ASYRP = "asyrp"
+# The transformer_options key every host attention function defers to (the host's runtime attention selection).
+ATTENTION_OVERRIDE = "optimized_attention_override"
+ATTENTION_BLOCK_BYTES = 256 * 2 ** 20  # score matrices' memory per block of queries in forward-mode attention
 
 ancestral_split = comfy.k_diffusion.sampling.get_ancestral_step
 
@@ -281,6 +286,52 @@ def differentiable(model: torch.nn.Module):
     finally:
         for store, name, value in swapped:
             store[name] = value
+
+
+def forward_mode_attention(patcher) -> None:
+    """Lets forward-mode derivatives pass a patched clone's attention, part one: the fused attention kernels
+    (PyTorch's flash and memory-efficient ones, the default on NVIDIA GPUs; xformers, sage) have no forward-mode
+    rule, so an attention call of the host's whose inputs carry tangents runs the host's sub-quadratic attention
+    instead (chunked plain tensor operations, sized by the host to the device's memory). Every other call goes
+    where it went (to an override already set, else to the host's choice), so plain and reverse-mode calls keep
+    the fused kernels. Part two, :func:`tangent_attention`, catches what reaches PyTorch's attention directly."""
+    options = patcher.model_options.setdefault("transformer_options", {})
+    previous = options.get(ATTENTION_OVERRIDE)
+    chunked = comfy.ldm.modules.attention.get_attention_function("sub_quad")
+
+    def override(func, *args, **kwargs):
+        if any(_has_tangent(value) for value in (*args[:3], *(kwargs.get(name) for name in ("q", "k", "v")))):
+            return chunked(*args, **kwargs)
+        return previous(func, *args, **kwargs) if previous is not None else func(*args, **kwargs)
+    options[ATTENTION_OVERRIDE] = override
+
+
+class tangent_attention(torch.overrides.TorchFunctionMode):  # noqa: N801 (used as a context, like no_grad)
+    """Inside: PyTorch's scaled dot-product attention on inputs that carry forward-mode tangents runs its math
+    backend, which has a forward-mode rule, a block of queries at a time so that no score matrix passes
+    ATTENTION_BLOCK_BYTES. Catches the attention calls the host makes without the override (SD3's blocks on
+    0.3.75, a backend priority the host forces), whatever backends the host enabled."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not torch.nn.functional.scaled_dot_product_attention or not any(
+                _has_tangent(value) for value in args[:3]):
+            return func(*args, **kwargs)
+        query, key, value, *rest = args
+        mask = rest[0] if rest else kwargs.pop("attn_mask", None)
+        rest = rest[1:]
+        scores = query.numel() // query.shape[-1] * key.shape[-2] * query.element_size() * 2  # with the tangent
+        rows = query.shape[-2] if kwargs.get("is_causal") or (len(rest) > 1 and rest[1]) else max(
+            1, query.shape[-2] * ATTENTION_BLOCK_BYTES // max(scores, 1))
+        per_row = mask is not None and mask.dim() >= 2 and mask.shape[-2] > 1
+        with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
+            return torch.cat([func(query[..., i:i + rows, :], key, value,
+                                   mask[..., i:i + rows, :] if per_row else mask, *rest, **kwargs)
+                              for i in range(0, query.shape[-2], rows)], dim=-2)
+
+
+def _has_tangent(value) -> bool:
+    return isinstance(value, torch.Tensor) and torch.autograd.forward_ad.unpack_dual(value).tangent is not None
 
 
 def _copy_if_differentiated(saved: torch.Tensor) -> torch.Tensor:
