@@ -8,8 +8,10 @@ every self-attention site, sampled with ddim; h-space principal directions (the 
 Samples node), sampled with the pack's Asyrp Sampler (h-space edits need it); example-pair directions per
 factor at every site (the pack's Direction From Example Pair on inverted held-out faces with the factor high
 against low: ``pair`` from different faces, ``pair-matched`` from each face drawn with the factor low and high,
-as photos of the same person with and without an attribute; full runs only), with each factor's best site
-reported against random and the ceiling (``pair_named``, ``pair_matched_named``);
+as photos of the same person with and without an attribute; full runs only; ``pair-conditional``, each
+factor's ``pair`` direction with the other factors' projected out by the pack's Project Out Directions), with
+each factor's best site reported against random and the ceiling (``pair_named``, ``pair_matched_named``,
+``pair_conditional_named``);
 Jacobian directions at every site (the pack's Directions From Image on one held-out face), each site's best
 over the whitened eigendirections' best (``jacobian_over_whitened``); random unit directions at the same sites, as
 many, with the same sampler; and the site's ceiling: supervised directions from the gradient of each factor's
@@ -287,6 +289,23 @@ def pair_set(world, dset_module, model_entry: dict, faces: int, factors: tuple, 
                     "pair-matched" if matched else "pair")
 
 
+def conditional_set(world, dset_module, pairs):
+    """Per factor of the example-pair set ``pairs``, its direction with the other factors' pair directions at the
+    same site projected out, by the pack's Project Out Directions (InterFaceGAN's conditional directions)."""
+    node, vectors = world.registry["ProjectOutDirections"](), {}
+
+    def picked(indices):
+        return dset_module.DirectionSet(sites={site: dset_module.SiteDirections(d.vectors[indices])
+                                               for site, d in pairs.sites.items()}, method=pairs.method,
+                                        model=pairs.model)
+    count = pairs.count
+    for i in range(count):
+        found = node.project(picked([i]), picked([j for j in range(count) if j != i]))[0]
+        for site, directions in found.sites.items():
+            vectors.setdefault(site, []).append(directions.vectors[0])
+    return unit_set(dset_module, pairs.model, {s: torch.stack(v) for s, v in vectors.items()}, "pair-conditional")
+
+
 def invert(world, pixels: np.ndarray) -> torch.Tensor:
     """uint8 images [N, 32, 32, 3] -> their x_T [N, 3, 32, 32] by the pack's DDIM Invert (refine 2), MODEL_BATCH
     images a call (refinement stops on a call's worst residual, so which images share a call can move the last
@@ -537,6 +556,7 @@ def main():
 
     sets["hspace-pca"] = hspace_set(world, plan["hspace"])
     sets["pair"] = pair_set(world, dset_module, model_entry, plan["pair_faces"], plan["pair_factors"], log)
+    sets["pair-conditional"] = conditional_set(world, dset_module, sets["pair"])
     if not args.quick:  # quick keeps its time for development
         sets["pair-matched"] = pair_set(world, dset_module, model_entry, plan["pair_faces"], plan["pair_factors"],
                                         log, matched=True)
@@ -636,7 +656,7 @@ def main():
                                                           max(per_method["whitened"]["effect"], 1e-12), 2)
 
     pair_named = {method: named_pairs(results, means, sets, ceiling_table, resamples, method, plan["pair_factors"])
-                  for method in ("pair", "pair-matched") if method in sets}
+                  for method in ("pair", "pair-matched", "pair-conditional") if method in sets}
     phase("inversion_transfer_and_saturation")
     picture_path = QUICK_PICTURE if args.quick else PICTURE
     picture(rows, picture_path)
@@ -658,6 +678,7 @@ def main():
         "inversion_psnr": round(psnr(reconstructed[:, 0], originals), 2),
         "inversion_factor_error": round(float(np.abs(reconstructed_factors - world.factors(originals)).mean()), 4),
         "methods": methods, "pair_named": pair_named["pair"], "pair_matched_named": pair_named.get("pair-matched"),
+        "pair_conditional_named": pair_named["pair-conditional"],
         "sites": sites,
         "jacobian_at_least_whitened_sites": [sum(s.get("jacobian_over_whitened", 0) >= 1 for s in sites.values()),
                                               sum("jacobian_over_whitened" in s for s in sites.values())],

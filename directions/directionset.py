@@ -136,6 +136,8 @@ def _validate_site(name: str, site: SiteDirections) -> None:
 def describe(dset: DirectionSet) -> str:
     """A short human summary: method, model family and each site's count and width."""
     named = f" '{dset.params['source']}' -> '{dset.params['target']}'" if "target" in dset.params else ""
+    if dset.params.get("projected_out"):
+        named += " without " + ", ".join(f"'{name}'" for name in dset.params["projected_out"])
     lines = [f"{dset.method} directions{named} for {dset.model['family']} ({len(dset.sites)} site"
              f"{'s' if len(dset.sites) != 1 else ''}, pack {dset.pack_version})"]
     lines += [f"{name}: {site.count} x {site.width}" for name, site in dset.sites.items()]

@@ -1,7 +1,7 @@
 """Host adapters: one module per node family, each exporting its own mappings."""
-from . import apply, asyrp, discover, files, grid, invert, jacobian, samples, svd
+from . import apply, asyrp, discover, files, grid, invert, jacobian, projection, samples, svd
 
-_FAMILIES = (discover, samples, jacobian, apply, asyrp, invert, svd, files, grid)
+_FAMILIES = (discover, samples, jacobian, projection, apply, asyrp, invert, svd, files, grid)
 
 NODE_CLASS_MAPPINGS = {name: cls for family in _FAMILIES
                        for name, cls in family.NODE_CLASS_MAPPINGS.items()}

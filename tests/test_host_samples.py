@@ -124,6 +124,35 @@ def test_alpha_one_applies_the_pairs_whole_difference(kit):
     assert not torch.allclose(pair_image, sampled(unit, 0.7), atol=1e-3)
 
 
+def test_project_out_makes_a_pair_direction_blind_to_another(host, kit):
+    """Two prompt pairs' directions from the host's sampling: the first with the second projected out is orthogonal
+    to it at each site, and its strength times it is the first pair's mean difference less its part along the
+    second; Apply Direction takes the result."""
+    import comfy.sample
+    model, _, pair_node, _, apply_node = kit
+
+    def pair(target, name):
+        return pair_node.direction(model, conditioning(1), conditioning(target), conditioning(2), latent(2),
+                                   **SAMPLING, site="h_space, input_blocks.7", start_percent=0.0, end_percent=1.0,
+                                   source_name="neutral", target_name=name)[0]
+    smiling, bright = pair(7, "smiling"), pair(8, "bright")
+    projected, summary = host.nodes.NODE_CLASS_MAPPINGS["ProjectOutDirections"]().project(smiling, bright)
+    for site in (SITE_7, "h_space"):
+        removed = bright.sites[site].vectors[0].double()
+        change = float(smiling.sites[site].gains[0]) * smiling.sites[site].vectors[0].double()
+        kept = float(projected.sites[site].gains[0]) * projected.sites[site].vectors[0].double()
+        assert abs(float(projected.sites[site].vectors[0].double() @ removed)) < 1e-6
+        # float64 projection of float32 vectors, returned in float32: agreement to float32 rounding of the change
+        assert torch.allclose(kept, change - (change @ removed) * removed, atol=1e-6 * float(change.norm()))
+    assert summary.splitlines()[0] == "bright projected out of smiling at 2 of 2 sites"
+    assert summary.splitlines()[1].startswith(f"{SITE_7}: #0 keeps ")
+    patched = apply_node.apply(model, projected, 0, "all", 1.0, 0.0, 1.0, "both")[0]
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    edited, plain = (comfy.sample.sample(m, noise, 4, 1.0, "euler", "normal", conditioning(1), conditioning(2),
+                                         torch.zeros(1, 4, 8, 8), seed=0) for m in (patched, model))
+    assert not torch.allclose(edited, plain, atol=1e-3)
+
+
 def test_the_example_pair_records_two_batches_of_different_sizes(kit):
     model, _, _, example_node, _ = kit
     without = {"samples": torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))}

@@ -306,7 +306,7 @@ def forward_mode_attention(patcher) -> None:
     options[ATTENTION_OVERRIDE] = override
 
 
-class tangent_attention(torch.overrides.TorchFunctionMode):  # noqa: N801 (used as a context, like no_grad)
+class tangent_attention(torch.overrides.TorchFunctionMode):  # named as a context, like torch.no_grad
     """Inside: PyTorch's scaled dot-product attention on inputs that carry forward-mode tangents runs its math
     backend, which has a forward-mode rule, a block of queries at a time so that no score matrix passes
     ATTENTION_BLOCK_BYTES. Catches the attention calls the host makes without the override (SD3's blocks on
