@@ -102,8 +102,14 @@ class JacobianRun(comfy.samplers.Sampler):
             return in_latent_units(model_wrap.inner_model, out).flatten(1)
 
         def forward(chunk):  # [p, C] -> (J chunk^T)^T, [p, m]
-            with forward_ad.dual_level(), host.tangent_attention():
-                tangent = forward_ad.unpack_dual(predict(forward_ad.make_dual(torch.zeros_like(chunk), chunk))).tangent
+            try:
+                with forward_ad.dual_level(), host.tangent_attention():
+                    tangent = forward_ad.unpack_dual(predict(forward_ad.make_dual(torch.zeros_like(chunk),
+                                                                                  chunk))).tangent
+            except NotImplementedError as error:  # an operation of the model without a forward-mode rule
+                raise RuntimeError(f"model: an operation in it has no forward-mode derivative, which Directions "
+                                   f"From Image needs ({str(error).splitlines()[0]}); try the model unquantized, "
+                                   f"or without the patch or attention option that brings that operation") from None
             return self.reached(tangent).float().cpu()
 
         def reverse(chunk):  # [p, m] -> (J^T chunk^T)^T, [p, C]
@@ -133,8 +139,8 @@ class JacobianRun(comfy.samplers.Sampler):
 
     def products(self, columns, mode: str, product):
         """``product`` of each chunk of the rows of ``columns``^T, as columns again: a chunk a model call, counting
-        the rows, advancing the bar and stopping on cancel. Where a reverse pass runs out of memory its chunk
-        halves; at one row a call, J is formed in forward mode instead."""
+        the rows, advancing the bar and stopping on cancel. Where a pass runs out of memory its chunk halves; at
+        one row a call, a reverse pass gives way to forming J in forward mode, a forward one to a one-line error."""
         rows, done, start = columns.T, [], 0
         while start < len(rows):
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -142,12 +148,13 @@ class JacobianRun(comfy.samplers.Sampler):
             try:
                 done.append(product(chunk))
             except torch.OutOfMemoryError:
-                if mode == "forward":
-                    raise
-                if len(chunk) == 1:
+                if len(chunk) == 1 and mode == "reverse":
                     raise ReverseModeFailed("out of memory at one row a call") from None
+                if len(chunk) == 1:
+                    raise torch.OutOfMemoryError("latent: Directions From Image ran out of memory at one row a "
+                                                 "model call; use a smaller latent, or free the device") from None
                 self.chunk[mode] = len(chunk) // 2
-                logging.info("Directions From Image: out of memory in a reverse pass; %d rows a call from now",
+                logging.info("Directions From Image: out of memory in a %s pass; %d rows a call from now", mode,
                              self.chunk[mode])
                 comfy.model_management.soft_empty_cache()
                 continue

@@ -320,6 +320,52 @@ def test_reverse_passes_that_run_out_of_memory_take_fewer_rows(host, kit, caplog
     assert torch.allclose(found.sites["h_space"].gains, expected.sites["h_space"].gains, rtol=1e-3)
 
 
+@pytest.mark.parametrize("rows_that_fit", [2, 0])
+def test_forward_passes_that_run_out_of_memory_take_fewer_rows(host, kit, caplog, rows_that_fit):
+    """The same for forward-mode passes (a patch raising the out-of-memory error for more than ``rows_that_fit``
+    rows carrying tangents): the chunk halves until it fits, the same directions come out; at one row the node
+    stops with a one-line error naming the latent."""
+    import torch.autograd.forward_ad as forward_ad
+
+    def limited(h, hsp, options):
+        if forward_ad.unpack_dual(h).tangent is not None and h.shape[0] > rows_that_fit:
+            raise torch.OutOfMemoryError("simulated: the device is full")
+        return h, hsp
+    model = kit[0].clone()
+    model.set_model_output_block_patch(limited)
+    node = host.nodes.NODE_CLASS_MAPPINGS["DirectionsFromImage"]()
+    image = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))}
+    if not rows_that_fit:
+        with pytest.raises(torch.OutOfMemoryError, match=r"^latent: Directions From Image ran out of memory at one"):
+            node.directions(model, conditioning(1), conditioning(2), image, 3, 0.3, 1.0, "h_space", 2)
+        return
+    with caplog.at_level(logging.INFO):
+        found = node.directions(model, conditioning(1), conditioning(2), image, 3, 0.3, 1.0, "h_space", 2)[0]
+    expected = node.directions(kit[0], conditioning(1), conditioning(2), image, 3, 0.3, 1.0, "h_space", 2)[0]
+    assert "out of memory in a forward pass; 2 rows a call from now" in caplog.text
+    assert torch.allclose(found.sites["h_space"].gains, expected.sites["h_space"].gains, rtol=1e-3)
+
+
+def test_an_operation_without_a_forward_mode_rule_is_named_in_one_line(host, kit):
+    """A model operation with no forward-mode derivative (a custom autograd function without one, as quantized
+    layers have): a one-line error naming the model, not torch's."""
+    class WithoutForwardRule(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, gradient):
+            return gradient
+    model = kit[0].clone()
+    model.set_model_output_block_patch(lambda h, hsp, options: (WithoutForwardRule.apply(h), hsp))
+    node = host.nodes.NODE_CLASS_MAPPINGS["DirectionsFromImage"]()
+    image = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))}
+    with pytest.raises(RuntimeError, match=r"^model: an operation in it has no forward-mode derivative") as raised:
+        node.directions(model, conditioning(1), conditioning(2), image, 3, 0.3, 1.0, "h_space", 2)
+    assert "\n" not in str(raised.value)
+
+
 def test_a_mask_makes_the_directions_change_the_masked_region_most(host, kit):
     model = kit[0]
     node = host.nodes.NODE_CLASS_MAPPINGS["DirectionsFromImage"]()
