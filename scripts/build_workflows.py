@@ -383,21 +383,7 @@ def named_direction(registry) -> Graph:
         decoded = g.add("VAEDecode", (2, 620 + row * 380), f"Pair: {name.split('_')[0]}", samples=pair[name],
                         vae=checkpoint["VAE"])
         previews += [decoded, g.add("PreviewImage", (3, 620 + row * 380), images=decoded["IMAGE"])]
-    edit = g.add("ApplyDirection", (4, 0), model=checkpoint["MODEL"], directions=pair["directions"], index=0,
-                 layer="h_space", alpha=1.0, start_percent=0.0, end_percent=0.6, apply_to="both", alpha_list=SWEEP)
-    noise = g.add("RandomNoise", (5, 0), noise_seed=1234)
-    asyrp = g.add("AsyrpSampler", (5, 140), boost_eta=0.0, boost_start_percent=0.8)
-    schedule = g.add("BasicScheduler", (5, 280), model=checkpoint["MODEL"], scheduler="normal", steps=20, denoise=1.0)
-    latent = g.add("EmptyLatentImage", (6, 0), width=512, height=512, batch_size=5)
-    same_noise = g.add("LatentBatchSeedBehavior", (6, 180), samples=latent["LATENT"], seed_behavior="fixed")
-    guider = g.add("CFGGuider", (6, 340), model=edit["MODEL"], positive=source["CONDITIONING"],
-                   negative=negative["CONDITIONING"], cfg=7.0)
-    sample = g.add("SamplerCustomAdvanced", (7, 0), noise=noise["NOISE"], guider=guider["GUIDER"],
-                   sampler=asyrp["SAMPLER"], sigmas=schedule["SIGMAS"], latent_image=same_noise["LATENT"])
-    decoded = g.add("VAEDecode", (8, 0), samples=sample["output"], vae=checkpoint["VAE"])
-    grid = g.add("LabelledImageGrid", (8, 160), images=decoded["IMAGE"], labels=SWEEP, columns=0,
-                 directions=pair["directions"])
-    save = g.add("SaveImage", (9, 0), images=grid["IMAGE"], filename_prefix="semdir_named")
+    sweep = seed_sweep(g, checkpoint, (source, negative), pair["directions"], 0, "semdir_named")
     notes = [
         g.note("**1. A prompt pair**: the same prompt without and with the attribute. Both are sampled on the same "
                "8 seeds, so they differ only by the attribute.", (1, -220)),
@@ -409,8 +395,71 @@ def named_direction(registry) -> Graph:
     ]
     g.group("1. Prompt pair", checkpoint, source, target, negative, seeds, notes[0])
     g.group("2. Named direction", pair, *previews, notes[1])
-    g.group("3. Sweep with the Asyrp Sampler", edit, noise, asyrp, schedule, latent, same_noise, guider, sample,
-            decoded, grid, save, notes[2])
+    g.group("3. Sweep with the Asyrp Sampler", *sweep, notes[2])
+    return g
+
+
+def seed_sweep(g, checkpoint, conditioning, directions, y: int, prefix: str) -> list:
+    """A direction's first vector at h-space over 0-0.6 of the schedule, alpha -1 to 1 along a batch of five
+    from one noise (seed 1234), sampled with the Asyrp Sampler at cfg 7, labelled and saved; columns 4 to 9
+    from ``y``."""
+    positive, negative = conditioning
+    edit = g.add("ApplyDirection", (4, y), model=checkpoint["MODEL"], directions=directions, index=0,
+                 layer="h_space", alpha=1.0, start_percent=0.0, end_percent=0.6, apply_to="both", alpha_list=SWEEP)
+    noise = g.add("RandomNoise", (5, y), noise_seed=1234)
+    asyrp = g.add("AsyrpSampler", (5, y + 140), boost_eta=0.0, boost_start_percent=0.8)
+    schedule = g.add("BasicScheduler", (5, y + 280), model=checkpoint["MODEL"], scheduler="normal", steps=20,
+                     denoise=1.0)
+    latent = g.add("EmptyLatentImage", (6, y), width=512, height=512, batch_size=5)
+    same_noise = g.add("LatentBatchSeedBehavior", (6, y + 180), samples=latent["LATENT"], seed_behavior="fixed")
+    guider = g.add("CFGGuider", (6, y + 340), model=edit["MODEL"], positive=positive["CONDITIONING"],
+                   negative=negative["CONDITIONING"], cfg=7.0)
+    sample = g.add("SamplerCustomAdvanced", (7, y), noise=noise["NOISE"], guider=guider["GUIDER"],
+                   sampler=asyrp["SAMPLER"], sigmas=schedule["SIGMAS"], latent_image=same_noise["LATENT"])
+    decoded = g.add("VAEDecode", (8, y), samples=sample["output"], vae=checkpoint["VAE"])
+    grid = g.add("LabelledImageGrid", (8, y + 160), images=decoded["IMAGE"], labels=SWEEP, columns=0,
+                 directions=directions)
+    save = g.add("SaveImage", (9, y), images=grid["IMAGE"], filename_prefix=prefix)
+    return [edit, noise, asyrp, schedule, latent, same_noise, guider, sample, decoded, grid, save]
+
+
+def conditional_direction(registry) -> Graph:
+    """Workflow 12: two prompt pairs give an 'old' and an 'eyeglasses' h-space direction; Project Out Directions
+    removes the second from the first, and both versions of 'old' are swept on a new seed."""
+    g = Graph(registry)
+    checkpoint = g.add("CheckpointLoaderSimple", (0, 0), ckpt_name=SD15_CHECKPOINT)
+    prompts = [g.add("CLIPTextEncode", (1, 260 * i), title, clip=checkpoint["CLIP"], text=text) for i, (title, text)
+               in enumerate((("Age: source", "a portrait photo of a young person, natural light"),
+                             ("Age: target", "a portrait photo of an old person, natural light"),
+                             ("Eyeglasses: source", "a portrait photo of a person, natural light"),
+                             ("Eyeglasses: target", "a portrait photo of a person wearing eyeglasses, natural light"),
+                             ("Negative prompt", NEGATIVE)))]
+    young, old, plain, glasses, negative = prompts
+    seeds = g.add("EmptyLatentImage", (1, 1300), width=512, height=512, batch_size=8)
+
+    def pair(source, target, y, names):
+        return g.add("DirectionFromPromptPair", (2, y), model=checkpoint["MODEL"], source=source["CONDITIONING"],
+                     target=target["CONDITIONING"], negative=negative["CONDITIONING"], latent=seeds["LATENT"],
+                     seed=1, add_noise="enable", steps=20, cfg=7.0, sampler_name="ddim", scheduler="normal",
+                     site="h_space", start_percent=0.0, end_percent=0.6, source_name=names[0], target_name=names[1])
+    age, eyeglasses = pair(young, old, 0, ("young", "old")), pair(plain, glasses, 700, ("no eyeglasses", "eyeglasses"))
+    projected = g.add("ProjectOutDirections", (3, 0), directions=age["directions"], remove=eyeglasses["directions"])
+    summary = g.add("PreviewAny", (3, 260), "How much of 'old' is kept", source=projected["summary"])
+    plain_sweep = seed_sweep(g, checkpoint, (plain, negative), age["directions"], 0, "semdir_old")
+    kept_sweep = seed_sweep(g, checkpoint, (plain, negative), projected["directions"], 900, "semdir_old_no_eyeglasses")
+    notes = [
+        g.note("**1. Two prompt pairs** on the same 8 seeds: the attribute to edit (age) and one to keep still "
+               "(eyeglasses), which old faces in the training data often wear.", (1, -220)),
+        g.note("**2. Project Out Directions** removes from 'old' its part along 'eyeglasses' (InterFaceGAN's "
+               "conditional editing). The summary says how much of 'old' is kept: little means the two were "
+               "nearly the same change.", (3, -220)),
+        g.note("**3. Both sweeps on a new seed** with the Asyrp Sampler: top, 'old' as found; bottom, 'old' with "
+               "'eyeglasses' projected out. alpha 1 is each direction's own change.", (6, -220)),
+    ]
+    g.group("1. Prompt pairs", checkpoint, *prompts, seeds, notes[0])
+    g.group("2. Named directions, one projected out of the other", age, eyeglasses, projected, summary, notes[1])
+    g.group("3. 'old'", *plain_sweep, notes[2])
+    g.group("4. 'old' without 'eyeglasses'", *kept_sweep)
     return g
 
 
@@ -616,6 +665,7 @@ WORKFLOW_BUILDERS = {
     "flux_discover_and_sweep": flux_discover_and_sweep,
     "flux_edit_real_image": flux_edit_real_image,
     "localized_edit": localized_edit,
+    "conditional_direction": conditional_direction,
 }
 
 

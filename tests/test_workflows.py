@@ -177,8 +177,10 @@ def check_discover_and_sweep(host, workflow, outputs):
     assert max(differences) <= 2, differences
 
 
-def grid_tiles(host, workflow, outputs, count=5):
-    save = next(str(node["id"]) for node in workflow["nodes"] if node["type"] == "SaveImage")
+def grid_tiles(host, workflow, outputs, count=5, prefix=None):
+    """The tiles of the grid the first SaveImage node (or the one saving under ``prefix``) wrote."""
+    save = next(str(node["id"]) for node in workflow["nodes"]
+                if node["type"] == "SaveImage" and prefix in (None, node["widgets_values"][0]))
     grid = saved(host, outputs, save)
     return [grid[24:, i * grid.shape[1] // count:(i + 1) * grid.shape[1] // count] for i in range(count)]
 
@@ -190,6 +192,17 @@ def check_named_direction(host, workflow, outputs):
     change = [float(np.abs(tile - tiles[2]).mean()) for tile in tiles]
     assert change[0] > change[1] > 0 and change[4] > change[3] > 0, change
     assert np.abs(tiles[0] - tiles[2]).max() > 2 and np.abs(tiles[4] - tiles[2]).max() > 2
+
+
+def check_conditional_direction(host, workflow, outputs):
+    """Both sweeps start from the same noise, so their alpha 0 tiles are the same image; each changes away from
+    it, and the projected direction's ends differ from the plain one's."""
+    plain, kept = (grid_tiles(host, workflow, outputs, prefix=prefix)
+                   for prefix in ("semdir_old", "semdir_old_no_eyeglasses"))
+    assert np.array_equal(plain[2], kept[2])
+    for tiles in (plain, kept):
+        assert np.abs(tiles[0] - tiles[2]).max() > 2 and np.abs(tiles[4] - tiles[2]).max() > 2
+    assert np.abs(plain[4] - kept[4]).max() > 0 and np.abs(plain[0] - kept[0]).max() > 0
 
 
 def check_directions_from_examples(host, workflow, outputs):
@@ -226,7 +239,9 @@ def check_flux_discover_and_sweep(host, workflow, outputs):
     assert change[0] > change[1] > 0 and change[4] > change[3] > 0, change
 
 
-EXTRA_CHECKS = {"named_direction.json": check_named_direction, "flux_edit_real_image.json": check_flux_edit_real_image,
+EXTRA_CHECKS = {"named_direction.json": check_named_direction,
+                "conditional_direction.json": check_conditional_direction,
+                "flux_edit_real_image.json": check_flux_edit_real_image,
                 "flux_discover_and_sweep.json": check_flux_discover_and_sweep,
                 "directions_from_examples.json": check_directions_from_examples,
                 "localized_edit.json": check_localized_edit, "discover_and_sweep.json": check_discover_and_sweep,
