@@ -27,7 +27,7 @@ PACK_MODULE = "semantic_directions"
 PACK_NODES = {"SaveDirections", "LoadDirections", "DiscoverAttentionEigendirections", "ApplyDirection",
               "AsyrpSampler", "LabelledImageGrid", "DDIMInvert", "DDIMInversionSampler", "SVDLatentAttribute",
               "SVDLatentExplore", "SVDLatentAnalysis", "DirectionsFromSamples", "DirectionFromPromptPair",
-              "DirectionFromExamplePair", "DirectionsFromImage"}
+              "DirectionFromExamplePair", "DirectionsFromImage", "ProjectOutDirections"}
 TEST_NODES_DIR_NAME = "semdir_test_nodes"
 TEST_NODES_SHIM = "from harness.test_nodes import NODE_CLASS_MAPPINGS  # noqa: F401  (the development harness)\n"
 
