@@ -56,6 +56,12 @@ def applied(sampled_latent="lat", **change):
             **save_latent(["k", 0])}
 
 
+def projected(**change):
+    """Project Out Directions on the discovered set, its summary previewed."""
+    return {"po": node("ProjectOutDirections", **{"directions": ["d", 0], "remove": ["d", 0], **change}),
+            "p": node("PreviewAny", source=["po", 1])}
+
+
 def asyrp(model="m", **change):
     """The Asyrp Sampler through SamplerCustom, on ``model`` edited in h-space-free attention."""
     return {"s": node("AsyrpSampler", **{"boost_eta": 0.0, "boost_start_percent": 0.8, **change}),
@@ -188,6 +194,10 @@ CASES = {
     "apply no directions": (applied() | {"a": node(
         "ApplyDirection", model=["m", 0], index=0, layer="all", alpha=0.5, start_percent=0.0, end_percent=1.0,
         apply_to="both")}, rejected("a", "directions")),
+    # Project Out Directions
+    "project out another model's set": ({**SDXL_SET, **projected(remove=["dx", 0])},
+                                        failed(r"remove: made for SDXL \(\w+\) but directions are for SD15")),
+    "project a set out of itself": (projected(), failed(r"directions: #0 at \S+ lies within remove's directions")),
     # Asyrp Sampler
     "asyrp eta nan": (asyrp(boost_eta=math.nan), failed(r"boost_eta: nan is not a finite number")),
     "asyrp eta above 1": (asyrp(boost_eta=2.0), rejected("s", "boost_eta")),
