@@ -9,11 +9,14 @@ Samples node), sampled with the pack's Asyrp Sampler (h-space edits need it); ex
 factor at every site (the pack's Direction From Example Pair on inverted held-out faces with the factor high
 against low: ``pair`` from different faces, ``pair-matched`` from each face drawn with the factor low and high,
 as photos of the same person with and without an attribute; full runs only; ``pair-conditional``, each
-factor's ``pair`` direction with the other factors' projected out by the pack's Project Out Directions), with
+factor's ``pair`` direction with the other factors' projected out by the pack's Project Out Directions, full
+runs only), with
 each factor's best site reported against random and the ceiling (``pair_named``, ``pair_matched_named``,
 ``pair_conditional_named``);
 Jacobian directions at every site (the pack's Directions From Image on one held-out face), each site's best
-over the whitened eigendirections' best (``jacobian_over_whitened``); random unit directions at the same sites, as
+over the whitened eigendirections' best (``jacobian_over_whitened``), and, in the regime they are for, each of
+several held-out faces' own Jacobian directions applied to that face inverted, against whitened (h-space:
+principal) directions on the same face (``own_face_edits``); random unit directions at the same sites, as
 many, with the same sampler; and the site's ceiling: supervised directions from the gradient of each factor's
 reading through the whole sampling (``strongest``: the gradient; ``pure``: the gradient with the
 other factors' gradients projected out), measured like every other direction. Per direction, all
@@ -36,7 +39,7 @@ best direction swept out to four times the largest linear alpha.
 A full run keeps each sweep's result in .cache/bench-semantics (SweepCache), so one that stops continues
 where it stopped when run again. --quick (development, under 5 minutes on 2 cores): one attention site and
 h-space, 4 seeds, the two largest alphas per sign, example pairs for two factors, one Jacobian direction per
-site, one face for the oracle.
+site, one own face, one face for the oracle.
 """
 import hashlib
 import inspect
@@ -67,10 +70,10 @@ LINEAR_ALPHAS = {"attention": (-0.5, -0.25, -0.1, 0.1, 0.25, 0.5), "hspace": (-0
 QUICK_ALPHAS = {name: tuple(a for a in alphas if abs(a) >= max(alphas) / 2) for name, alphas in LINEAR_ALPHAS.items()}
 SATURATION = (-4.0, -2.0, -1.0, 1.0, 2.0, 4.0)  # multiples of the family's largest linear alpha, for the picture
 HELD_OUT_SEED = 303  # neither the model's nor the regressor's images
-FULL = {"seeds": 16, "per_site": 4, "jacobian": 4, "hspace": 8, "held_out": 16, "oracle_faces": 16, "samples": 32,
-        "sites": None, "pair_faces": 48, "pair_factors": FACTORS, "alphas": LINEAR_ALPHAS}
-QUICK = {"seeds": 4, "per_site": 2, "jacobian": 1, "hspace": 2, "held_out": 4, "oracle_faces": 1, "samples": 8,
-         "pair_faces": 4, "pair_factors": ("smile", "background"), "alphas": QUICK_ALPHAS,
+FULL = {"seeds": 16, "per_site": 4, "jacobian": 4, "hspace": 8, "held_out": 16, "own_faces": 8, "oracle_faces": 16,
+        "samples": 32, "sites": None, "pair_faces": 48, "pair_factors": FACTORS, "alphas": LINEAR_ALPHAS}
+QUICK = {"seeds": 4, "per_site": 2, "jacobian": 1, "hspace": 2, "held_out": 4, "own_faces": 1, "oracle_faces": 1,
+         "samples": 8, "pair_faces": 4, "pair_factors": ("smile", "background"), "alphas": QUICK_ALPHAS,
          "sites": ("output_blocks.1.1.transformer_blocks.0.attn1",)}
 HSPACE_SAMPLES = 64
 MODEL_BATCH = 48  # images a model call: fastest per image on 2 CPU cores (7.7 ms; 8.7 at 96, 10 at 16)
@@ -246,12 +249,15 @@ def hspace_set(world, count: int):
                            STEPS, 1.0, "ddim", "normal", "h_space", 0.0, 1.0, count)[0]
 
 
-def jacobian_set(world, count: int, sites: str):
-    """The pack's Directions From Image (Jacobian) at ``sites`` (the node's site input), for one held-out face
-    noised to 0.3 of the schedule (where structure edits start), ``count`` per site: measured on the generated
-    seeds like the others, so they are judged as directions of the model, not of that one face."""
-    pixels, _ = dataset(1, JACOBIAN_SEED, IMAGE_SIZE)
-    latent = {"samples": world.vae.encode(torch.from_numpy(pixels).float() / 255)}
+def jacobian_set(world, count: int, sites: str, face: torch.Tensor | None = None):
+    """The pack's Directions From Image (Jacobian) at ``sites`` (the node's site input), for one face ([1, 32, 32,
+    3] in [0, 1]; by default the held-out face JACOBIAN_SEED) noised to 0.3 of the schedule (where structure edits
+    start), ``count`` per site. The default face's set is measured on the generated seeds like the others, as
+    directions of the model; own_face_edits measures each face's set on that face."""
+    if face is None:
+        pixels, _ = dataset(1, JACOBIAN_SEED, IMAGE_SIZE)
+        face = torch.from_numpy(pixels).float() / 255
+    latent = {"samples": world.vae.encode(face)}
     return world.registry["DirectionsFromImage"]().directions(world.model, world.conditioning, world.conditioning,
                                                               latent, 0, 0.3, 1.0, sites, count)[0]
 
@@ -468,6 +474,42 @@ def measure_direction(world, dset, site, index, base_images, base_factors, alpha
     return per_seed, record
 
 
+def own_face_edits(world, sets, originals, inverted_latent, reconstructed_factors, plan: dict, log) -> dict:
+    """The regime Directions From Image is for: an artist's own image. Per held-out face (the first
+    ``own_faces`` of those inverted), its own Jacobian directions (``plan["jacobian"]`` per site, the node on the
+    face's clean latent) applied to it inverted and sampled back, against the same number of the reference
+    method's directions applied to the same face (whitened eigendirections at attention sites, principal
+    directions at h-space): per site, the median over faces of the strongest Jacobian direction's effect over the
+    strongest reference direction's, with their range, and the median effects."""
+    count, faces = plan["jacobian"], min(plan["own_faces"], len(originals))
+    sites = list(sets["jacobian"].sites)
+    references = {site: "hspace-pca" if site == "h_space" else "whitened" for site in sites}
+
+    def strongest(face, dset, site):
+        alphas = linear_alphas(site, plan)
+        latent = {"samples": inverted_latent["samples"][face:face + 1]}
+        slopes = [seed_slopes(reconstructed_factors[face:face + 1], world.factors(sample_back(
+            world, latent, alphas, (dset, k, site), sampler_of(world, site))[0])[None], alphas)[0]
+            for k in range(min(count, dset.sites[site].count))]
+        return max(effect(s) for s in slopes)
+    table = {site: {"reference": references[site], "jacobian": [], "reference_effects": []} for site in sites}
+    for face in range(faces):
+        own = jacobian_set(world, count, ", ".join(sites), originals[face:face + 1])
+        for site in sites:
+            table[site]["jacobian"].append(strongest(face, own, site))
+            table[site]["reference_effects"].append(strongest(face, sets[references[site]], site))
+        log(f"own-face edits: face {face + 1} of {faces}")
+    report = {}
+    for site, row in table.items():
+        ratios = np.array(row["jacobian"]) / np.maximum(np.array(row["reference_effects"]), 1e-12)
+        report[site] = {"reference": row["reference"], "ratio_median": round(float(np.median(ratios)), 2),
+                        "ratio_range": [round(float(ratios.min()), 2), round(float(ratios.max()), 2)],
+                        "jacobian_effect_median": round(float(np.median(row["jacobian"])), 4),
+                        "reference_effect_median": round(float(np.median(row["reference_effects"])), 4),
+                        "faces": faces}
+    return report
+
+
 def ceiling_sets(world, dset_module, model_entry, factors_by_site: dict, log):
     """Per site, a set of the supervised directions for the given factors, and which (kind, factor) each
     index is."""
@@ -556,8 +598,8 @@ def main():
 
     sets["hspace-pca"] = hspace_set(world, plan["hspace"])
     sets["pair"] = pair_set(world, dset_module, model_entry, plan["pair_faces"], plan["pair_factors"], log)
-    sets["pair-conditional"] = conditional_set(world, dset_module, sets["pair"])
     if not args.quick:  # quick keeps its time for development
+        sets["pair-conditional"] = conditional_set(world, dset_module, sets["pair"])
         sets["pair-matched"] = pair_set(world, dset_module, model_entry, plan["pair_faces"], plan["pair_factors"],
                                         log, matched=True)
     sets["jacobian"] = jacobian_set(world, plan["jacobian"], ", ".join((*plan["sites"], "h_space")) if plan["sites"]
@@ -658,6 +700,8 @@ def main():
     pair_named = {method: named_pairs(results, means, sets, ceiling_table, resamples, method, plan["pair_factors"])
                   for method in ("pair", "pair-matched", "pair-conditional") if method in sets}
     phase("inversion_transfer_and_saturation")
+    own_faces = own_face_edits(world, sets, originals, inverted_latent, reconstructed_factors, plan, log)
+    phase("own_face_edits")
     picture_path = QUICK_PICTURE if args.quick else PICTURE
     picture(rows, picture_path)
     faces = quality.held_out_faces(plan["oracle_faces"])
@@ -678,10 +722,13 @@ def main():
         "inversion_psnr": round(psnr(reconstructed[:, 0], originals), 2),
         "inversion_factor_error": round(float(np.abs(reconstructed_factors - world.factors(originals)).mean()), 4),
         "methods": methods, "pair_named": pair_named["pair"], "pair_matched_named": pair_named.get("pair-matched"),
-        "pair_conditional_named": pair_named["pair-conditional"],
+        "pair_conditional_named": pair_named.get("pair-conditional"),
         "sites": sites,
         "jacobian_at_least_whitened_sites": [sum(s.get("jacobian_over_whitened", 0) >= 1 for s in sites.values()),
                                               sum("jacobian_over_whitened" in s for s in sites.values())],
+        "own_face_edits": own_faces,
+        "jacobian_own_face_at_least_reference_sites": [sum(r["ratio_median"] >= 1 for r in own_faces.values()),
+                                                       len(own_faces)],
         "picture": str(picture_path), "timings_s": timings, "sweeps_from_cache": cache.hits if cache else 0,
     }, args.json)
 
