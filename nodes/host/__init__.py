@@ -317,12 +317,11 @@ class tangent_attention(torch.overrides.TorchFunctionMode):  # named as a contex
         if func is not torch.nn.functional.scaled_dot_product_attention or not any(
                 _has_tangent(value) for value in args[:3]):
             return func(*args, **kwargs)
-        query, key, value, *rest = args
-        mask = rest[0] if rest else kwargs.pop("attn_mask", None)
-        rest = rest[1:]
+        query, key, value, *rest = args  # rest: attn_mask, dropout_p, is_causal, ... as far as given
+        mask = rest.pop(0) if rest else kwargs.pop("attn_mask", None)
+        causal = kwargs.get("is_causal", len(rest) > 1 and rest[1])  # causal masks do not split by queries
         scores = query.numel() // query.shape[-1] * key.shape[-2] * query.element_size() * 2  # with the tangent
-        rows = query.shape[-2] if kwargs.get("is_causal") or (len(rest) > 1 and rest[1]) else max(
-            1, query.shape[-2] * ATTENTION_BLOCK_BYTES // max(scores, 1))
+        rows = query.shape[-2] if causal else max(1, query.shape[-2] * ATTENTION_BLOCK_BYTES // max(scores, 1))
         per_row = mask is not None and mask.dim() >= 2 and mask.shape[-2] > 1
         with torch.nn.attention.sdpa_kernel([torch.nn.attention.SDPBackend.MATH]):
             return torch.cat([func(query[..., i:i + rows, :], key, value,
