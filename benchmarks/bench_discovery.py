@@ -5,6 +5,10 @@ Krylov per layer) and a naive baseline on the same weights that forms M = J^T J 
 eigendecomposition per layer. Each timed run of the node uses a different token_variance so that
 its result cache never answers.
 
+End to end (SD1.5): the same UNet saved with CLIP-L and a VAE by the host's own save path and loaded by its
+CheckpointLoaderSimple's loader, the node timed on that MODEL beside the library's math alone on the same
+weights already read, so that reading and converting them is the difference.
+
 Accuracy, against a dense float64 SVD of J in the same run, on every layer twice: the random
 weights as they are (a flat spectrum, the hardest case for the iterative path) and with W_v's
 singular values made to decay over two decades (as trained weights' spectra fall off). Per
@@ -12,6 +16,9 @@ family and spectrum: the worst relative gain error, the smallest captured energy
 found gains^2 over the true top-k sum), and the smallest principal-angle cosine between the
 found and the true top-k subspaces over the layers whose gap sigma_k / sigma_k+1 exceeds 1%.
 """
+import tempfile
+from pathlib import Path
+
 import torch
 
 from benchmarks.common import PeakRss, arguments, full_eigh_gains, report, start_host, timed
@@ -66,11 +73,43 @@ def main():
         figures.update(accuracy(name, patcher, unet_host, attention, device))
         figures[f"{name}_speedup"] = round(figures[f"{name}_full_eigh_s"] / figures[f"{name}_all_layers_s"], 1)
         figures[f"{name}_extra_peak_rss_mb"] = round(memory.extra_mb, 1)
+        if name == "sd15":
+            figures.update(end_to_end(patcher, discover, attention, device))
         del patcher
     figures["one_1280_layer_f32_weights_mb"] = 4 * 1280 * 1280 * 4 / 2 ** 20
     figures["worst_gain_error"] = max(v for k, v in figures.items() if k.endswith("_worst_gain_error"))
     figures["min_captured_energy"] = min(v for k, v in figures.items() if k.endswith("_min_captured_energy"))
     report(figures, args.json)
+
+
+def end_to_end(patcher, discover, attention, device) -> dict:
+    """Discover as a user runs it: the UNet written with full-size CLIP-L and a TAESD-shaped VAE by the host's own
+    comfy.sd.save_checkpoint (fp16) and loaded back by CheckpointLoaderSimple's loader; the node timed on the
+    loaded MODEL (its weights read through the patcher and converted), beside the library's math alone on the same
+    layers with their weights already read (float32, in the node's layer pool), so that reading and converting
+    the weights is the difference."""
+    import comfy.sd
+
+    from harness.test_nodes.unets import build_clip, build_vae
+    from semantic_directions.nodes import host as unet_host
+    from semantic_directions.nodes.discover import layer_pool
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "sd15_random.safetensors"
+        comfy.sd.save_checkpoint(str(path), patcher, build_clip("sd15", 0, full_size=True, dtype=torch.float16),
+                                 build_vae(0))
+        load_s, model = timed(lambda _: comfy.sd.load_checkpoint_guess_config(str(path))[0], 1)
+    key_patches = model.get_key_patches("diffusion_model.")
+    layers = [site.read(key_patches, device) for site in unet_host.attention_sites(model).values()]
+
+    def library(_):
+        with torch.no_grad(), layer_pool(device) as pool:
+            return list(pool.map(lambda weights: attention.attention_directions(weights, COUNT, "whitened"), layers))
+    node = discover(model)
+    pairs = [(timed(lambda _, i=i: node(i), 1)[0], timed(library, 1)[0]) for i in range(REPEATS)]
+    node_s, library_s = (min(times) for times in zip(*pairs))  # interleaved, so that both see the same load
+    return {"sd15_checkpoint_family": type(model.model.model_config).__name__,
+            "sd15_checkpoint_load_s": round(load_s, 2), "sd15_checkpoint_node_s": round(node_s, 4),
+            "sd15_library_math_s": round(library_s, 4)}
 
 
 def decayed(weights, attention):
