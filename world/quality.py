@@ -1,6 +1,7 @@
 """How good the faces world's model is, against its limit:
 
-- one-step x0 PSNR: held-out generator faces noised to sigma, denoised in one model call, against the
+- one-step x0 PSNR: held-out generator faces noised to sigma, denoised in one model call (beside the same on
+  as many of the faces it trained on), against the
   oracle (world/oracle.py, the best any denoiser can do) on the same noise; the oracle's two
   independent runs' agreement says whether its own figure has converged;
 - samples (KSampler, ddim, 20 steps, cfg 1): PSNR against the face the regressor's reading redraws
@@ -31,6 +32,13 @@ NOISY_FACTOR = 2.0  # a sample is visibly noisy above twice the noisiest clean f
 def held_out_faces(count: int) -> np.ndarray:
     """[count, 32, 32, 3] float64 in [-1, 1]: faces neither the model nor the regressor trained on."""
     pixels, _ = dataset(count, HELD_OUT_SEED)
+    return pixels.astype(np.float64) / 127.5 - 1
+
+
+def training_faces(count: int) -> np.ndarray:
+    """The first ``count`` faces the model trained on (world/train.py draws them with seed 0), as held_out_faces:
+    equal one-step PSNR on both says the model underfits rather than overfits."""
+    pixels, _ = dataset(count, 0)
     return pixels.astype(np.float64) / 127.5 - 1
 
 
@@ -116,7 +124,9 @@ def main():
     from .model import WEIGHTS, load_patcher
     patcher = load_patcher(Path(args.weights) if args.weights else WEIGHTS)
     faces = held_out_faces(args.faces)
-    figures = {"world_x0_psnr": {f"{s:g}": round(model_x0_psnr(patcher, faces, s), 2) for s in SIGMAS}}
+    figures = {"world_x0_psnr": {f"{s:g}": round(model_x0_psnr(patcher, faces, s), 2) for s in SIGMAS},
+               "world_x0_psnr_training_faces": {f"{s:g}": round(model_x0_psnr(patcher, training_faces(args.faces), s),
+                                                                2) for s in SIGMAS}}
     figures.update(sample_quality(sample(patcher, args.samples)))
     if not args.no_oracle:
         oracle = oracle_x0_psnr(faces)
