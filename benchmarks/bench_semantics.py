@@ -704,7 +704,7 @@ def main():
     phase("own_face_edits")
     picture_path = QUICK_PICTURE if args.quick else PICTURE
     picture(rows, picture_path)
-    faces = quality.held_out_faces(plan["oracle_faces"])
+    faces = quality.generator_faces(plan["oracle_faces"])
     samples = quality.sample_quality(quality.sample(world.model, plan["samples"]))
     oracle = quality.oracle_x0_psnr(faces)
     phase("world_quality_and_oracle")

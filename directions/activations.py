@@ -24,14 +24,15 @@ def principal_directions(features: torch.Tensor, count: int):
     """Top ``count`` principal directions [count, C] and their standard deviations [count].
 
     Each timestep is centred on its own mean first, so the directions describe how samples differ,
-    not how the activations drift with the noise level.
+    not how the activations drift with the noise level. That leaves T (S - 1) independent rows: beyond them
+    (or C) a direction would have no spread and no meaning, so fewer than ``count`` come back then.
     """
     _check("features", features, 2)
     if count < 1:
         raise ValueError(f"count: expected at least 1 direction, got {count}")
     centred = (features - features.mean(dim=1, keepdim=True)).flatten(0, 1).double()
     _, values, vh = torch.linalg.svd(centred, full_matrices=False)
-    count = min(count, vh.shape[0])
+    count = min(count, features.shape[0] * (features.shape[1] - 1), features.shape[2])
     spread = values[:count] / (centred.shape[0] - features.shape[0]) ** 0.5
     return fix_signs(vh[:count]).float(), spread.float()
 

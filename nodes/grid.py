@@ -20,15 +20,17 @@ class LabelledImageGrid:
             "columns": ("INT", {"default": 0, "min": 0, "max": 64,
                                 "tooltip": "Images per row; 0 puts all in one row."}),
         }, "optional": {
-            "directions": (DIRECTIONS, {"tooltip": "A named direction (from a pair node): numeric labels then say "
-                                                   "what they move toward, e.g. 'smiling 0.5', 'neutral 1'."}),
+            "directions": (DIRECTIONS, {"tooltip": "A named direction (from a pair node): numeric labels (alphas) "
+                                                   "then say what they move toward, e.g. 'smiling 0.5', 'neutral 1'."}),
         }}
 
     def grid(self, images, labels, columns, directions=None):
-        names = [part.strip() for part in labels.replace(";", ",").split(",")] if labels.strip() else \
-            [str(i) for i in range(images.shape[0])]
-        if directions is not None and "target" in directions.params:
-            names = [named(label, directions.params["source"], directions.params["target"]) for label in names]
+        if not labels.strip():  # numbered images, not alphas: a named direction has nothing to say of them
+            names = [str(i) for i in range(images.shape[0])]
+        else:
+            names = [part.strip() for part in labels.replace(";", ",").split(",")]
+            if directions is not None and "target" in directions.params:
+                names = [named(label, directions.params["source"], directions.params["target"]) for label in names]
         finite_tensor("images", images, "images' pixels")
         if len(names) != images.shape[0]:
             raise ValueError(f"labels: {len(names)} labels for {images.shape[0]} images; give one per image")

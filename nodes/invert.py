@@ -61,8 +61,9 @@ def refine_input():
     return ("INT", {"default": DEFAULT_REFINE, "min": 0, "max": MAX_REFINE, "tooltip":
                     "Extra model calls per step, on average, to remove plain DDIM inversion's drift (0 = plain "
                     "DDIM inversion): each step solves its fixed point, the lowest steps, where it converges "
-                    "slowest, getting most of the calls. At most 1 + refine calls per step; fewer once every "
-                    "step has converged. The log lists each step's residual."})
+                    "slowest, getting most of the calls. At most 1 + refine calls per step on average over the "
+                    "schedule (a low step may take more); fewer once every step has converged. The log lists "
+                    "each step's residual."})
 
 
 class DDIMInversionSampler:
@@ -143,6 +144,9 @@ class DDIMInvert:
             raise ValueError(f"refine: expected 0 to {MAX_REFINE} extra model calls per step, got {refine}")
         if not 0 <= finite("cfg", cfg) <= MAX_CFG:
             raise ValueError(f"cfg: expected 0 to {MAX_CFG} (1 inverts best), got {cfg}")
+        if negative is None and cfg != 1:
+            raise ValueError(f"negative: cfg {cfg:g} guides away from a negative prompt, and none is connected; "
+                             f"connect one (an empty prompt will do) or set cfg to 1")
         if cfg > 1:
             logging.warning("DDIM Invert: cfg %.2f > 1; inversion drifts at high guidance, 1 reconstructs best", cfg)
         sigmas = comfy.samplers.calculate_sigmas(host.model_sampling(model), scheduler, steps).flip(0)

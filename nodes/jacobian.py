@@ -220,9 +220,10 @@ class DirectionsFromImage:
                                              "the first of a batch is used."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip":
                      "The noise the image is noised with to the chosen point."}),
-            "percent": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip":
-                        "The point of the schedule, in model time (0 = the noisiest step, 1 = the last); where "
-                        "edits of structure start, 0.2 to 0.4, is a good place."}),
+            "percent": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 0.99, "step": 0.01, "tooltip":
+                        "The point of the schedule, in model time (0 = the noisiest step; at 1, the end, the "
+                        "prediction is the image itself and has no directions); where edits of structure start, "
+                        "0.2 to 0.4, is a good place."}),
             "cfg": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 100.0, "step": 0.1, "tooltip":
                     "Guidance of the prediction differentiated (1: the prompt's prediction alone)."}),
             "site": ("STRING", {"default": HSPACE, "tooltip": SITE_TOOLTIP}),
@@ -243,7 +244,8 @@ class DirectionsFromImage:
         if weights is not None and not weights.any():
             raise ValueError("mask: it is empty at the latent's resolution; paint the region the edit should change")
         sampling = host.model_sampling(model)
-        sigmas = torch.tensor([float(sampling.percent_to_sigma(percent)), 0.0])
+        # the host marks percent 0 with a huge sigma ("before the schedule"): the noisiest step is sigma_max
+        sigmas = torch.tensor([min(float(sampling.percent_to_sigma(percent)), float(sampling.sigma_max)), 0.0])
         progress = RowProgress(sum(expected_rows(widths[s], count) for s in sites))
 
         def solve(apply, apply_t, width):

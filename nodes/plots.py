@@ -3,13 +3,16 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .host import layer_group
+from .host import GROUPS
 
-_GROUP_COLOURS = {"input": (52, 110, 235), "middle": (40, 170, 80), "output": (235, 120, 40)}
+_GROUP_COLOURS = {"input": (52, 110, 235), "middle": (40, 170, 80), "output": (235, 120, 40),
+                  "double": (170, 60, 200), "single": (30, 170, 170), "joint": (200, 40, 60),
+                  "transformer": (160, 140, 20), "other": (120, 120, 120)}
 
 
 def _group(site: str) -> str:
-    return layer_group(site) or "middle"
+    """The layers group a site belongs to (UNet input, middle, output; DiT double, single, joint, transformer)."""
+    return next((group for group, prefix in GROUPS.items() if prefix and site.startswith(prefix + ".")), "other")
 
 
 def _line_chart(draw, box, lines, title, x_labels, x_title, y_range, y_ticks, y_format):
@@ -54,16 +57,17 @@ def gain_spectrum_image(gains: dict, width: int = 768, height: int = 512) -> tor
     """One line per site: gain i / gain 1 against i. The elbow says how many directions matter."""
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    lines = []
+    lines, groups = [], {}
     for site, values in gains.items():
         values = np.asarray(values, dtype=np.float64)
-        lines.append((values / values[0] if values[0] > 0 else np.zeros_like(values), _GROUP_COLOURS[_group(site)]))
+        groups[_group(site)] = _GROUP_COLOURS[_group(site)]
+        lines.append((values / values[0] if values[0] > 0 else np.zeros_like(values), groups[_group(site)]))
     count = max(len(values) for values, _ in lines)
     _line_chart(draw, (60, 40, width - 20, height - 50), lines,
                 "gain spectrum per layer (relative to each layer's top gain)",
                 [(i, str(i + 1)) for i in range(count)], "direction index", (0.0, 1.0),
                 (0.0, 0.25, 0.5, 0.75, 1.0), lambda t: f"{t:.2f}")
-    _legend(draw, width - 20, 40, [(f"{group} blocks", colour) for group, colour in _GROUP_COLOURS.items()])
+    _legend(draw, width - 20, 40, [(f"{group} blocks", colour) for group, colour in groups.items()])
     return _to_image(image)
 
 

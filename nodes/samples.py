@@ -1,6 +1,8 @@
 """Directions from samples and pairs: record a site's activations while the host samples, then take
 their principal directions (Asyrp's h-space analysis) or the difference between two batches (a named
 direction: two prompts, or examples with and without an attribute)."""
+import logging
+
 import torch
 from einops import rearrange
 
@@ -172,6 +174,10 @@ class DirectionsFromSamples:
         for name in recorder.sites:
             features, _ = recorder.features(name, images)
             vectors, spread = principal_directions(features, count)
+            if len(vectors) < count:
+                logging.warning("Directions From Samples: %d images on %d steps span only %d directions at %s; "
+                                "more images or a wider step range give more", images, features.shape[0],
+                                len(vectors), name)
             sites[name] = SiteDirections(vectors, spread)
         params = {"site": site, "count": count, "images": images, "steps": steps, "cfg": cfg,
                   "start_percent": start_percent, "end_percent": end_percent}

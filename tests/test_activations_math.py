@@ -21,6 +21,14 @@ def test_planted_directions_come_back_in_order_of_spread_despite_a_drift_over_ti
     assert (vectors.gather(1, vectors.abs().argmax(1, keepdim=True)) > 0).all()  # reproducible signs
 
 
+def test_no_more_directions_than_the_samples_span():
+    """Two samples on two steps, centred per step, span two directions: the rest would be arbitrary."""
+    features = torch.randn(2, 2, 16, generator=torch.Generator().manual_seed(2))
+    vectors, spread = principal_directions(features, 8)
+    assert vectors.shape == (2, 16) and bool((spread > 0.1).all())
+    assert principal_directions(torch.randn(3, 40, 5), 8)[0].shape == (5, 5)  # nor more than the channels
+
+
 def test_too_few_samples_is_refused_with_the_expected_shape():
     with pytest.raises(ValueError, match=r"features: expected \[timesteps >= 1, samples >= 2, channels\]"):
         principal_directions(torch.zeros(4, 1, 8), 2)

@@ -226,6 +226,7 @@ CASES = {
                      conditioning_to_strength=math.nan), **inverted(positive="avg")},
         failed(r"positive: the conditioning holds NaN")),
     "invert cfg nan": (inverted(cfg=math.nan), failed(r"cfg: nan is not a finite number")),
+    "invert cfg without negative": (inverted(cfg=2.0), failed(r"negative: cfg 2 guides away from a negative prompt")),
     "invert cfg too high": (inverted(cfg=50.0), rejected("inv", "cfg")),
     "invert steps 0": (inverted(steps=0), rejected("inv", "steps")),
     "invert refine too high": (inverted(refine=21), rejected("inv", "refine")),
@@ -292,6 +293,7 @@ CASES = {
     "pair of equal prompts": (prompt_pair(), failed(r"target: its activations equal the source's at this site")),
     "jacobian percent nan": (from_image(percent=math.nan), failed(r"percent: nan is not a finite number")),
     "jacobian percent above 1": (from_image(percent=2.0), rejected("jac", "percent")),
+    "jacobian percent at the schedule's end": (from_image(percent=1.0), rejected("jac", "percent")),
     # Labelled Image Grid
     "grid labels for another batch": (grid(labels="a,b"), failed(r"labels: 2 labels for 3 images")),
     "grid nan images": ({"blend": node("ImageBlend", image1=["img", 0], image2=["img", 0], blend_factor=math.nan,

@@ -305,6 +305,10 @@ def test_discover_reads_every_flux_attention_site(host, flux):
             assert torch.allclose(dset.sites[path].gains, gains, rtol=1e-5)
     dset, _ = node.discover(patcher, "single", 2, "value", 1.0)
     assert list(dset.sites) == ["single_blocks.0.attn", "single_blocks.1.attn"]
+    _, spectrum = node.discover(patcher, "all", 2, "value", 1.0)
+    colours = set(map(tuple, (spectrum[0] * 255).round().int().reshape(-1, 3).tolist()))
+    # the spectrum's lines and legend in the double and single blocks' colours, not the UNet groups'
+    assert {(170, 60, 200), (30, 170, 170)} <= colours and not {(52, 110, 235), (40, 170, 80)} & colours
 
 
 class FluxKit:

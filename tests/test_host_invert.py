@@ -64,9 +64,10 @@ class Kit:
         self.latent = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(5)) / 0.18215}
 
     def invert(self, model=None, latent=None, steps=10, scheduler="normal", cfg=1.0, refine=2):
-        """The LATENT output of DDIM Invert."""
+        """The LATENT output of DDIM Invert (at cfg other than 1, guided away from a negative prompt)."""
+        negative = None if cfg == 1 else [[torch.full((1, 77, 32), 0.5), {}]]
         return self.invert_node.invert(model or self.model, latent or self.latent, steps, scheduler, cfg, refine,
-                                       self.conditioning())[0]
+                                       self.conditioning(), negative)[0]
 
     def sample_back(self, inverted, model=None, steps=10, scheduler="normal", cfg=1.0, positive=None):
         """KSamplerAdvanced with add_noise disabled, the same steps and scheduler, sampler ddim."""

@@ -63,6 +63,15 @@ def test_pca_is_deterministic_for_a_seed_and_records_every_chosen_site(kit):
     assert not torch.equal(other.sites["h_space"].vectors, first[0].sites["h_space"].vectors)
 
 
+def test_pca_returns_only_the_directions_its_samples_span_and_says_so(kit, caplog):
+    """Two images on 4 steps, centred per step: 4 directions, not the 8 asked; the rest would be arbitrary."""
+    model, pca_node, *_ = kit
+    with caplog.at_level(logging.WARNING):
+        found = pca(pca_node, model, batch=2, count=8)[0].sites["h_space"]
+    assert found.count == 4 and bool((found.gains > 0).all())
+    assert "2 images on 4 steps span only 4 directions at h_space" in caplog.text
+
+
 def recorded_independently(model, prompt, site):
     """Each sampling call's site tokens, averaged over positions, by a forward hook on the host's own module
     (cfg 1: the conditional rows only), with the RMS token norm; sampled as the node samples."""
@@ -253,13 +262,15 @@ def finite_difference_jacobian(model, site, width, sigma, step=1e-3):
     return ((plus - minus) / (2 * step)).T
 
 
-@pytest.mark.parametrize("site", ["h_space", SITE_7])
-def test_jacobian_directions_match_finite_differences_of_the_host_model(host, kit, site):
+@pytest.mark.parametrize("site, percent", [("h_space", 0.3), (SITE_7, 0.3), ("h_space", 0.0)])
+def test_jacobian_directions_match_finite_differences_of_the_host_model(host, kit, site, percent):
+    """Percent 0 is the schedule's noisiest sigma (the host's percent_to_sigma says 1e9 there)."""
     model = kit[0]
     node = host.nodes.NODE_CLASS_MAPPINGS["DirectionsFromImage"]()
     image = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))}
-    found = node.directions(model, conditioning(1), conditioning(2), image, 3, 0.3, 1.0, site, 4)[0].sites[site]
-    sigma = float(model.get_model_object("model_sampling").percent_to_sigma(0.3))
+    found = node.directions(model, conditioning(1), conditioning(2), image, 3, percent, 1.0, site, 4)[0].sites[site]
+    sampling = model.get_model_object("model_sampling")
+    sigma = float(sampling.percent_to_sigma(percent)) if percent else float(sampling.sigma_max)
     reference = finite_difference_jacobian(model, site, 128, sigma)
     _, values, vh = torch.linalg.svd(reference, full_matrices=False)
     # central differences at step 1e-3 in float32: errors ~1e-4 relative, far inside the 1% asked
@@ -450,3 +461,5 @@ def test_the_grid_names_a_pairs_sweep(host, kit):
     plain, = grid_node.grid(images, "-1, 0, 1", 0)
     titled, = grid_node.grid(images, "-1, 0, 1", 0, directions=dset)
     assert plain.shape == titled.shape and not torch.equal(plain, titled)  # the same grid, other words above
+    # without labels the images are numbered, not alphas: the names leave the numbers alone
+    assert torch.equal(grid_node.grid(images, "", 0, directions=dset)[0], grid_node.grid(images, "", 0)[0])

@@ -43,8 +43,8 @@ def test_the_oracle_finds_the_posterior_mean_of_a_world_it_can_only_draw(sigma):
 def test_the_oracles_runs_in_worker_processes_are_the_runs_made_here():
     """world.quality spreads the oracle's independent runs over a process per core: the same means, in order."""
     from world.oracle import posterior_means
-    from world.quality import held_out_faces, noised
-    noisy = noised(held_out_faces(1), 8.0)[0]
+    from world.quality import generator_faces, noised
+    noisy = noised(generator_faces(1), 8.0)[0]
     tasks = [(noisy, 8.0, seed) for seed in (1, 2)]
     for parallel, (y, sigma, seed) in zip(posterior_means(tasks), tasks):
         np.testing.assert_array_equal(parallel, posterior_mean(y, sigma, seed=seed).mean)

@@ -67,14 +67,14 @@ def test_the_trained_model_loads_and_samples_faces_of_the_world_through_the_host
     assert min(spread.values()) > 0.1  # uniform factors have a spread of 0.29
 
 
-def test_the_committed_model_denoises_held_out_faces_in_one_step(host):
+def test_the_committed_model_denoises_generator_faces_in_one_step(host):
     """One model call's x0 on 16 held-out faces noised to sigma 1 and 4 (world/quality.py, fixed noise):
     the committed model's figures, 27.7 and 20.0 dB when measured, hold within 0.3 dB (stage 1's eps
     model: 27.6 and 18.8); the oracle, the best any denoiser can do on these faces, measured 31.9 and
     21.5 dB (benchmarks/bench_semantics.py)."""
-    from world.quality import held_out_faces, model_x0_psnr
+    from world.quality import generator_faces, model_x0_psnr
     model = host.nodes.NODE_CLASS_MAPPINGS["FacesWorldLoader"]().load()[0]
-    faces = held_out_faces(16)
+    faces = generator_faces(16)
     measured = {sigma: model_x0_psnr(model, faces, sigma) for sigma in (1.0, 4.0)}
     print("one-step x0 PSNR:", measured)
     assert measured[1.0] > 27.4 and measured[4.0] > 19.7
@@ -86,14 +86,14 @@ def test_widening_the_model_keeps_its_function(host):
     import torch
 
     from world.model import WEIGHTS, build_model, empty_context, read_weights, unet_config, widen
-    from world.quality import held_out_faces, noised
+    from world.quality import generator_faces, noised
     weights, prediction, unet = read_weights(WEIGHTS)
     narrow = build_model(prediction=prediction, unet=unet)
     wide = build_model(prediction=prediction, unet=unet_config(64))
     narrow.diffusion_model.load_state_dict(weights)
     wide.diffusion_model.load_state_dict(widen(weights, wide.diffusion_model.state_dict(), seed=0))
     assert sum(p.numel() for p in wide.parameters()) > 3.9 * sum(p.numel() for p in narrow.parameters())
-    faces = held_out_faces(4)
+    faces = generator_faces(4)
     for sigma in (0.1, 1.0, 4.0, 14.0):
         x = torch.from_numpy(noised(faces, sigma)).float().permute(0, 3, 1, 2)
         with torch.no_grad():

@@ -29,16 +29,10 @@ NOISE_SEED = 7
 NOISY_FACTOR = 2.0  # a sample is visibly noisy above twice the noisiest clean face's estimate
 
 
-def held_out_faces(count: int) -> np.ndarray:
-    """[count, 32, 32, 3] float64 in [-1, 1]: faces neither the model nor the regressor trained on."""
-    pixels, _ = dataset(count, HELD_OUT_SEED)
-    return pixels.astype(np.float64) / 127.5 - 1
-
-
-def training_faces(count: int) -> np.ndarray:
-    """The first ``count`` faces the model trained on (world/train.py draws them with seed 0), as held_out_faces:
-    equal one-step PSNR on both says the model underfits rather than overfits."""
-    pixels, _ = dataset(count, 0)
+def generator_faces(count: int, seed: int = HELD_OUT_SEED) -> np.ndarray:
+    """[count, 32, 32, 3] float64 in [-1, 1]: the world's faces for ``seed``; the default seed's are held out from
+    the model and the regressor, seed 0's are the first the model trained on (world/train.py's default)."""
+    pixels, _ = dataset(count, seed)
     return pixels.astype(np.float64) / 127.5 - 1
 
 
@@ -123,10 +117,11 @@ def main():
     shared_host("cpu")
     from .model import WEIGHTS, load_patcher
     patcher = load_patcher(Path(args.weights) if args.weights else WEIGHTS)
-    faces = held_out_faces(args.faces)
+    faces, trained_on = generator_faces(args.faces), generator_faces(args.faces, seed=0)
+    # equal one-step PSNR on faces trained on and held out: the model underfits rather than overfits
     figures = {"world_x0_psnr": {f"{s:g}": round(model_x0_psnr(patcher, faces, s), 2) for s in SIGMAS},
-               "world_x0_psnr_training_faces": {f"{s:g}": round(model_x0_psnr(patcher, training_faces(args.faces), s),
-                                                                2) for s in SIGMAS}}
+               "world_x0_psnr_training_faces": {f"{s:g}": round(model_x0_psnr(patcher, trained_on, s), 2)
+                                                for s in SIGMAS}}
     figures.update(sample_quality(sample(patcher, args.samples)))
     if not args.no_oracle:
         oracle = oracle_x0_psnr(faces)
