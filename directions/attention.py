@@ -220,7 +220,7 @@ def top_right_singular(apply, apply_t, width: int, count: int, like: torch.Tenso
     block = count + OVERSAMPLE
     if width <= exact_width or 2 * block > width // 2:
         return _exact(apply, width, count, device, dtype)
-    start = torch.randn(width, block, generator=torch.Generator().manual_seed(seed)).to(device, dtype)
+    start = torch.randn(width, block, generator=torch.Generator().manual_seed(seed), device="cpu").to(device, dtype)
     for operator in ([draft] if draft is not None else []) + [(apply, apply_t)]:
         found = _block_krylov(*operator, start, count, tolerance, blocks_per_check)
         if found is None:

@@ -4,7 +4,7 @@ A set holds, for one or more sites of one model, k orthonormal-or-at-least-unit 
 site's width with their gains where the method gives them. A site is named by where it lives:
 the input of a UNet self-attention layer (its module path under the UNet, ending in ``.attn1``),
 the image-token attention input of a transformer (DiT) block (a path ending in ``.img_attn``,
-``.attn`` or ``.x_block.attn2``), h-space (the middle block's output) or the latent itself.
+``.attn`` or ``.x_block.attn2``), or h-space (the middle block's output).
 """
 import hashlib
 import json
@@ -16,7 +16,6 @@ import torch
 from . import __version__
 
 HSPACE = "h_space"
-LATENT = "latent"
 ATTN1 = "attn1"
 DIT = "dit_attention"
 _ATTN1_PATH = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*\.attn1$")
@@ -29,8 +28,8 @@ class DirectionError(ValueError):
 
 
 def site_kind(name: str) -> str:
-    """Which kind of site a name denotes: ``attn1``, ``dit_attention``, ``h_space`` or ``latent``."""
-    if name in (HSPACE, LATENT):
+    """Which kind of site a name denotes: ``attn1``, ``dit_attention`` or ``h_space``."""
+    if name == HSPACE:
         return name
     if isinstance(name, str) and _ATTN1_PATH.match(name):
         return ATTN1
@@ -39,8 +38,8 @@ def site_kind(name: str) -> str:
     raise DirectionError(
         f"site {name!r} is not a known site: expected a self-attention module path ending in "
         f"'.attn1' (e.g. 'input_blocks.7.1.transformer_blocks.0.attn1'), a transformer block's attention "
-        f"ending in '.img_attn', '.attn' or '.x_block.attn2' (e.g. 'double_blocks.3.img_attn'), '{HSPACE}' or "
-        f"'{LATENT}'")
+        f"ending in '.img_attn', '.attn' or '.x_block.attn2' (e.g. 'double_blocks.3.img_attn') or "
+        f"'{HSPACE}'")
 
 
 def model_fingerprint(family: str, widths: dict) -> str:

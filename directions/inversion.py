@@ -54,7 +54,7 @@ def anderson_solve(fixed_map, start, evaluations: int, tolerance: float = 0.0, m
             delta_y = torch.stack([b - a for a, b in zip(points, points[1:])], dim=2).double()
             gram = delta_g.transpose(1, 2) @ delta_g
             ridge = 1e-10 * gram.diagonal(dim1=1, dim2=2).sum(1).clamp_min(1e-300)[:, None, None]
-            gamma = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[1], dtype=gram.dtype),
+            gamma = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[1], dtype=gram.dtype, device=gram.device),
                                        delta_g.transpose(1, 2) @ g.double()[..., None])
             y = (points[-1] + g - ((delta_y + delta_g) @ gamma)[..., 0].to(g.dtype)).reshape(start.shape)
         if norms[-1].max() <= tolerance:

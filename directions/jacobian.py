@@ -41,5 +41,5 @@ def jacobian_directions(apply, apply_t, width: int, count: int, row_weights: tor
 
     def backward(outputs):
         return checked(apply_t(weighted(outputs)))
-    return top_right_singular(forward, backward, width, count, like=torch.empty(0), tolerance=TOLERANCE,
+    return top_right_singular(forward, backward, width, count, like=torch.empty(0, device="cpu"), tolerance=TOLERANCE,
                               exact_width=EXACT_WIDTH if apply_t is not None else width, blocks_per_check=1)

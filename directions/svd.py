@@ -113,14 +113,16 @@ class SingularValueMLP(torch.nn.Module):
 
     def __init__(self, width: int, generator: torch.Generator):
         super().__init__()
-        self.layers = torch.nn.Sequential(torch.nn.Linear(width, HIDDEN), torch.nn.SiLU(),
-                                          torch.nn.Linear(HIDDEN, HIDDEN), torch.nn.SiLU(),
-                                          torch.nn.Linear(HIDDEN, width))
+        # built and drawn on the CPU whatever torch's default device (a seed gives the same MLP everywhere)
+        self.layers = torch.nn.Sequential(torch.nn.Linear(width, HIDDEN, device="cpu"), torch.nn.SiLU(),
+                                          torch.nn.Linear(HIDDEN, HIDDEN, device="cpu"), torch.nn.SiLU(),
+                                          torch.nn.Linear(HIDDEN, width, device="cpu"))
         with torch.no_grad():
             for layer in self.layers[:-1]:
                 if isinstance(layer, torch.nn.Linear):
                     bound = layer.in_features ** -0.5
-                    layer.weight.copy_(torch.rand(layer.weight.shape, generator=generator) * 2 * bound - bound)
+                    draw = torch.rand(layer.weight.shape, generator=generator, device="cpu")
+                    layer.weight.copy_(draw * 2 * bound - bound)
                     layer.bias.zero_()
             self.layers[-1].weight.zero_()
             self.layers[-1].bias.zero_()

@@ -105,7 +105,8 @@ class ApplyDirection:
     CATEGORY = CATEGORY
     FUNCTION = "apply"
     RETURN_TYPES = ("MODEL",)
-    OUTPUT_TOOLTIPS = ("The patched model; feed it to KSampler, SamplerCustom or the Asyrp Sampler.",)
+    OUTPUT_TOOLTIPS = ("The patched model; feed it to KSampler or SamplerCustom, or to a guider sampling with "
+                       "the Asyrp Sampler (needed for h-space edits).",)
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -203,11 +204,8 @@ def check_made_for(model, directions, sites) -> None:
         if kind in (ATTN1, DIT):
             widths = widths or host.site_widths(model)
             found = widths.get(site)
-        elif kind == HSPACE:
-            found = host.hspace_width(model)
         else:
-            raise ValueError(f"directions: '{site}' directions act on the latent itself; use them with the "
-                             f"SVD latent nodes, not Apply Direction")
+            found = host.hspace_width(model)
         if found is None:
             raise ValueError(f"directions: {site} does not exist in this {here} model; use directions discovered "
                              f"on this model")

@@ -1,6 +1,5 @@
 """DDIM Invert and the DDIM Inversion Sampler: real images back to the noise that reconstructs them."""
 import logging
-import math
 
 import torch
 
@@ -195,18 +194,7 @@ class InvertedNoise:
             raise ValueError(f"noise: the sampler's latent has shape {list(latent.shape)} but the inverted noise "
                              f"{list(self.start.shape)}; give it a latent of the inverted image's size")
         latent = self.model.process_latent_in(latent) if torch.count_nonzero(latent) > 0 else torch.zeros_like(latent)
-        sampling, sigma = self.model.model_sampling, torch.tensor(self.sigma)
-        sigma_max = float(sampling.sigma_max)
-        at_max = math.isclose(sigma_max, self.sigma, rel_tol=1e-5) or self.sigma > sigma_max
-
-        def start_from(noise):  # what the host's sampler starts from, as in KSAMPLER.sample
-            return sampling.noise_scaling(sigma, noise, latent, max_denoise=at_max)
-        offset = start_from(torch.zeros_like(latent))
-        slope = start_from(torch.ones_like(latent)) - offset
-        if not slope.ne(0).all():
-            raise ValueError("noise: this model's sampling does not start from noise, so no noise reaches the "
-                             "inverted latent; use a text-to-image model")
-        return (self.start - offset) / slope
+        return host.noise_for_start(self.patcher, self.start, latent, self.sigma, "noise")
 
 
 NODE_CLASS_MAPPINGS = {"DDIMInvert": DDIMInvert, "DDIMInversionSampler": DDIMInversionSampler}

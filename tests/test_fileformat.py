@@ -172,7 +172,9 @@ def test_data_model_rejects_bad_sets():
 
 def test_site_kinds_and_summary():
     assert site_kind(SITE_A) == "attn1"
-    assert site_kind("h_space") == "h_space" and site_kind("latent") == "latent"
+    assert site_kind("h_space") == "h_space"
+    with pytest.raises(DirectionError, match="'latent' is not a known site"):
+        site_kind("latent")  # no node makes or takes directions in the latent itself
     text = describe(sample_set())
     assert text.splitlines()[0] == "test directions for SD15 (3 sites, pack 0.1.0)"
     assert f"{SITE_A}: 4 x 64" in text

@@ -7,6 +7,7 @@ its model sampling (sigma schedule, flow or not, noise scaling) and latent forma
 """
 import contextlib
 import logging
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -141,12 +142,6 @@ def block_of(path: str) -> str:
     return match["block"] if match else path
 
 
-def layer_group(path: str) -> str | None:
-    """'input', 'middle' or 'output' for an attention path, else None."""
-    match = _ATTENTION_PATH.match(path)
-    return match["block"].split("_")[0] if match else None
-
-
 def block_key(path: str):
     """The host's (block, block_index, transformer index) for an attn1 path, as its patches see them.
 
@@ -194,8 +189,10 @@ def sample(patcher, latent: dict, positive, negative, seed: int, add_noise: bool
     """KSampler(Advanced)'s sampling of ``latent`` (its batch_index and noise mask honoured), without
     previews; ``progress`` (a ProgressBar) advances a step at a time, and cancelling stops it."""
     samples = comfy.sample.fix_empty_latent_channels(patcher, latent["samples"])
-    noise = (comfy.sample.prepare_noise(samples, seed, latent.get("batch_index")) if add_noise
-             else torch.zeros(samples.shape, dtype=samples.dtype, layout=samples.layout, device="cpu"))
+    if add_noise:
+        noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+    else:
+        noise, samples = start_at(patcher, samples, steps, scheduler)
 
     def step(*_):
         comfy.model_management.throw_exception_if_processing_interrupted()
@@ -204,6 +201,37 @@ def sample(patcher, latent: dict, positive, negative, seed: int, add_noise: bool
     return comfy.sample.sample(patcher, noise, steps, cfg, sampler_name, scheduler, positive, negative, samples,
                                disable_noise=not add_noise, force_full_denoise=True,
                                noise_mask=latent.get("noise_mask"), callback=step, disable_pbar=True, seed=seed)
+
+
+def noise_for_start(patcher, start: torch.Tensor, latent: torch.Tensor, sigma: float, input_name: str):
+    """The noise from which the host's samplers start exactly at ``start`` (model space) when given ``latent``
+    (model space; zeros for an empty latent) on a schedule beginning at ``sigma``: every model type defines its
+    noise_scaling its own way, but always affine in the noise, so the noise is solved through that function."""
+    sampling = patcher.model.model_sampling
+    sigma_max = float(sampling.sigma_max)
+    at_max = math.isclose(sigma_max, sigma, rel_tol=1e-5) or sigma > sigma_max  # as the host's KSAMPLER decides
+
+    def start_from(noise):
+        return sampling.noise_scaling(torch.tensor(sigma), noise, latent, max_denoise=at_max)
+    offset = start_from(torch.zeros_like(latent))
+    slope = start_from(torch.ones_like(latent)) - offset
+    if not slope.ne(0).all():
+        raise ValueError(f"{input_name}: this model's sampling does not start from noise, so no noise reaches the "
+                         f"inverted latent; use a text-to-image model")
+    return (start - offset) / slope
+
+
+def start_at(patcher, samples: torch.Tensor, steps: int, scheduler: str):
+    """(noise, latent) that make the host's sampler start at ``samples`` itself, as add_noise disabled promises
+    for an inverted latent. EPS and v models start there from zero noise; flow models' schedules start at
+    sigma 1, where the host's start, (1 - sigma) x latent, is zeros: they get the noise that is the latent."""
+    zeros = torch.zeros(samples.shape, dtype=samples.dtype, layout=samples.layout, device="cpu")
+    model = patcher.model
+    start = model.process_latent_in(model_latent(patcher, samples).float())
+    sigma = float(comfy.samplers.calculate_sigmas(model.model_sampling, scheduler, steps)[0])
+    if torch.equal(model.model_sampling.noise_scaling(torch.tensor(sigma), torch.zeros_like(start), start), start):
+        return zeros, samples
+    return noise_for_start(patcher, start, torch.zeros_like(start), sigma, "latent").to(samples.dtype), zeros
 
 
 def hspace_width(patcher) -> int:
