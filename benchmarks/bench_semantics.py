@@ -84,6 +84,9 @@ QUICK_PICTURE = Path(__file__).resolve().parent.parent / ".cache" / "semantics-q
 RANDOM = {"attention": "random-attention", "hspace": "random-hspace"}
 SWEEP_CACHE = REPO / ".cache" / "bench-semantics"
 # what a sweep runs: Apply Direction, the Asyrp Sampler, the host access, the world and its loader, the statistics
+# what the direction sets come from besides SWEEP_SOURCES: the whole pack, this file (their recipes) and the world
+SET_SOURCES = ("directions/*.py", "nodes/**/*.py", "benchmarks/bench_semantics.py", "benchmarks/common.py",
+               "world/*.py")
 SWEEP_SOURCES = ("directions/apply.py", "directions/asyrp.py", "directions/directionset.py", "nodes/apply.py",
                  "nodes/asyrp.py", "nodes/common.py", "nodes/host/*.py", "harness/**/*.py", "benchmarks/measures.py",
                  "world/faces.py", "world/model.py", "world/regressor.py", "world/*.safetensors")
@@ -410,7 +413,8 @@ class SweepCache:
     sampling and measuring functions, MODEL_BATCH (batches change the last digits), the device and dtype the
     model runs in, the host's version and folder, torch's, numpy's and PIL's versions. A full run that stops
     continues where it stopped when run again; a change to any of these starts afresh. ``hits`` counts the
-    sweeps read back."""
+    sweeps read back. The slow direction sets (pair inversions, Jacobians, ceiling gradients) are kept too, as
+    the pack's direction files, under a version that adds SET_SOURCES."""
 
     def __init__(self, world, folder: Path = SWEEP_CACHE):
         import PIL
@@ -426,6 +430,23 @@ class SweepCache:
         for function in (World, sampler_of, measure_direction, preservation, owned_pixels, psnr):
             digest.update(inspect.getsource(function).encode())
         self.version, self.folder, self.hits = digest.hexdigest(), folder, 0
+        for path in sorted({path for pattern in SET_SOURCES for path in REPO.glob(pattern)}):
+            digest.update(path.relative_to(REPO).as_posix().encode())
+            digest.update(path.read_bytes())
+        self.sets_version, self.set_hits = digest.hexdigest(), 0
+
+    def direction_set(self, name: str, make, *inputs):
+        """``make()``'s direction set, read back when a run with the same sources made it from the same
+        ``inputs`` (JSON: what the plan gave it)."""
+        from semantic_directions.directions.fileformat import load_directions, save_directions
+        key = f"{self.sets_version} {name} {json.dumps(inputs)}"
+        path = self.folder / "sets" / f"{hashlib.sha256(key.encode()).hexdigest()}.safetensors"
+        if path.exists():
+            self.set_hits += 1
+            return load_directions(path)
+        dset = make()
+        save_directions(dset, path, overwrite=True)
+        return dset
 
     def path(self, dset, site: str, index: int, alphas, seeds: int) -> Path:
         from semantic_directions.nodes.apply import shift_unit
@@ -510,17 +531,27 @@ def own_face_edits(world, sets, originals, inverted_latent, reconstructed_factor
     return report
 
 
-def ceiling_sets(world, dset_module, model_entry, factors_by_site: dict, log):
+def ceiling_sets(world, dset_module, model_entry, factors_by_site: dict, log, cache: SweepCache | None = None):
     """Per site, a set of the supervised directions for the given factors, and which (kind, factor) each
     index is."""
-    sets, meaning = {}, {}
-    for site, factors in factors_by_site.items():
+    def make(site, factors):
         directions = ceiling_directions(world.factor_gradients(site))
         kept = [(key, v) for key, v in directions.items() if v is not None and key[1] in factors]
-        sets[site] = unit_set(dset_module, model_entry, {site: np.stack([v for _, v in kept])}, "ceiling")
-        meaning[site] = [key for key, _ in kept]
-        log(f"ceiling directions at {site}: {len(kept)}")
+        dset = unit_set(dset_module, model_entry, {site: np.stack([v for _, v in kept])}, "ceiling")
+        dset.params["meaning"] = [list(key) for key, _ in kept]
+        return dset
+    sets, meaning = {}, {}
+    for site, factors in factors_by_site.items():
+        sets[site] = cached(cache, f"ceiling {site}", lambda site=site, factors=factors: make(site, factors),
+                            sorted(factors))
+        meaning[site] = [tuple(key) for key in sets[site].params["meaning"]]
+        log(f"ceiling directions at {site}: {len(meaning[site])}")
     return sets, meaning
+
+
+def cached(cache: SweepCache | None, name: str, make, *inputs):
+    """``make()``, or its set kept by ``cache`` (quick runs keep nothing)."""
+    return make() if cache is None else cache.direction_set(name, make, *inputs)
 
 
 def describe(kind: tuple) -> str:
@@ -596,14 +627,18 @@ def main():
     sets = {method: discover.discover(world.model, "all", plan["per_site"], method, 1.0)[0]
             for method in ("whitened", "value", "qkv-stack")}
 
-    sets["hspace-pca"] = hspace_set(world, plan["hspace"])
-    sets["pair"] = pair_set(world, dset_module, model_entry, plan["pair_faces"], plan["pair_factors"], log)
+    cache = None if args.quick else SweepCache(world)
+    sets["hspace-pca"] = cached(cache, "hspace-pca", lambda: hspace_set(world, plan["hspace"]), plan["hspace"])
+    pair_inputs = (plan["pair_faces"], plan["pair_factors"])
+    sets["pair"] = cached(cache, "pair", lambda: pair_set(world, dset_module, model_entry, *pair_inputs, log),
+                          *pair_inputs)
     if not args.quick:  # quick keeps its time for development
         sets["pair-conditional"] = conditional_set(world, dset_module, sets["pair"])
-        sets["pair-matched"] = pair_set(world, dset_module, model_entry, plan["pair_faces"], plan["pair_factors"],
-                                        log, matched=True)
-    sets["jacobian"] = jacobian_set(world, plan["jacobian"], ", ".join((*plan["sites"], "h_space")) if plan["sites"]
-                                    else "all")
+        sets["pair-matched"] = cached(cache, "pair-matched", lambda: pair_set(
+            world, dset_module, model_entry, *pair_inputs, log, matched=True), *pair_inputs)
+    jacobian_sites = ", ".join((*plan["sites"], "h_space")) if plan["sites"] else "all"
+    sets["jacobian"] = cached(cache, "jacobian", lambda: jacobian_set(world, plan["jacobian"], jacobian_sites),
+                              plan["jacobian"], jacobian_sites)
     if plan["sites"]:  # quick: the chosen attention sites and h-space only
         kept = (*plan["sites"], "h_space")
         sets = {m: dset_module.DirectionSet(sites={k: v for k, v in s.sites.items() if k in kept},
@@ -613,7 +648,7 @@ def main():
                                           "random-attention")
     sets["random-hspace"] = random_set(dset_module, model_entry, {"h_space": sets["hspace-pca"].sites["h_space"].width},
                                        plan["hspace"], 2, "random-hspace")
-    results, cache = Results(), None if args.quick else SweepCache(world)
+    results = Results()
 
     def measure_all(method, dset):
         for site, directions in dset.sites.items():
@@ -633,7 +668,7 @@ def main():
                          for m in sets if results.keys(m, site)} for site in sites_measured}
     else:
         needed = {site: set(range(len(FACTORS))) for site in sites_measured}
-    ceilings, meaning = ceiling_sets(world, dset_module, model_entry, needed, log)
+    ceilings, meaning = ceiling_sets(world, dset_module, model_entry, needed, log, cache)
     phase("ceiling_gradients")
     for dset in ceilings.values():
         measure_all("ceiling", dset)
@@ -730,6 +765,7 @@ def main():
         "jacobian_own_face_at_least_reference_sites": [sum(r["ratio_median"] >= 1 for r in own_faces.values()),
                                                        len(own_faces)],
         "picture": str(picture_path), "timings_s": timings, "sweeps_from_cache": cache.hits if cache else 0,
+        "direction_sets_from_cache": cache.set_hits if cache else 0,
     }, args.json)
 
 

@@ -11,6 +11,8 @@ import torch
 
 from .attention import fix_signs
 
+SPAN_TOLERANCE = 1e-10  # a spread below this fraction of the first (float64) is rounding: outside the rows' span
+
 
 def _check(name: str, features: torch.Tensor, least: int) -> None:
     if features.ndim != 3 or features.shape[1] < least or features.shape[0] < 1:
@@ -24,15 +26,20 @@ def principal_directions(features: torch.Tensor, count: int):
     """Top ``count`` principal directions [count, C] and their standard deviations [count].
 
     Each timestep is centred on its own mean first, so the directions describe how samples differ,
-    not how the activations drift with the noise level. That leaves T (S - 1) independent rows: beyond them
-    (or C) a direction would have no spread and no meaning, so fewer than ``count`` come back then.
+    not how the activations drift with the noise level. That leaves at most T (S - 1) independent rows (fewer
+    when samples repeat): beyond the rows' span a direction would have no spread and no meaning, so fewer than
+    ``count`` come back then.
     """
     _check("features", features, 2)
     if count < 1:
         raise ValueError(f"count: expected at least 1 direction, got {count}")
-    centred = (features - features.mean(dim=1, keepdim=True)).flatten(0, 1).double()
+    features = features.double()
+    centred = (features - features.mean(dim=1, keepdim=True)).flatten(0, 1)
     _, values, vh = torch.linalg.svd(centred, full_matrices=False)
-    count = min(count, features.shape[0] * (features.shape[1] - 1), features.shape[2])
+    if not values[0] > 0:
+        raise ValueError("features: the samples' activations are the same at every recorded step, so they have no "
+                         "directions of variation; sample different images (other seeds, or add_noise on)")
+    count = min(count, int((values > values[0] * SPAN_TOLERANCE).sum()))
     spread = values[:count] / (centred.shape[0] - features.shape[0]) ** 0.5
     return fix_signs(vh[:count]).float(), spread.float()
 
@@ -52,7 +59,9 @@ def mean_difference(source: torch.Tensor, target: torch.Tensor, scale: float):
                          f"at {source.shape[0]} with {source.shape[2]}; record both with the same steps and site")
     difference = target.double().mean((0, 1)) - source.double().mean((0, 1))
     length = float(difference.norm())
-    if length == 0 or not scale > 0:
+    if not scale > 0:
+        raise ValueError(f"scale: expected the site's RMS token norm, a positive number, got {scale}")
+    if length == 0:
         raise ValueError("target: its activations equal the source's at this site, so there is no direction between "
                          "them; use prompts or examples that differ")
     return (difference / length).float(), length / scale

@@ -29,6 +29,7 @@ EXACT_SVD_MAX_WIDTH = 256
 OVERSAMPLE = 6  # extra vectors in each Krylov block beyond the directions asked for
 BLOCKS_PER_CHECK = 2  # after the first: each Rayleigh-Ritz check costs about as much as a block's products
 RESIDUAL_TOLERANCE = 5e-3  # Ritz residual over Ritz value: gains within 0.25%
+DEPENDENT = 1e-4  # a grown block's column this much smaller than its largest after orthogonalisation: dependent
 STREAMED_BYTES = 16 * 2 ** 20  # larger weights stream from memory: their transposes are copied (see _shift_operators)
 
 
@@ -198,7 +199,8 @@ def _best_time(function, repeats: int = 5) -> float:
 
 def top_right_singular(apply, apply_t, width: int, count: int, like: torch.Tensor,
                        tolerance: float = RESIDUAL_TOLERANCE, seed: int = 0, draft=None,
-                       exact_width: int = EXACT_SVD_MAX_WIDTH, blocks_per_check: int = BLOCKS_PER_CHECK):
+                       exact_width: int = EXACT_SVD_MAX_WIDTH, blocks_per_check: int = BLOCKS_PER_CHECK,
+                       floor: float = 0.0):
     """The ``count`` top right singular vectors (rows, [count, width]) and values of an operator.
 
     Operators at most ``exact_width`` wide are formed and decomposed exactly. Otherwise block Krylov iteration on A^T A
@@ -213,7 +215,10 @@ def top_right_singular(apply, apply_t, width: int, count: int, like: torch.Tenso
     that would pass half the width is abandoned for the exact decomposition. The start block is
     drawn from ``seed`` on the CPU, so the result does not depend on the device's random
     generator. ``like`` gives the device and dtype the operator works in. ``blocks_per_check``: blocks
-    added between checks after the first (more where a check costs as much as a block's products).
+    added between checks after the first (more where a check costs as much as a block's products). ``floor``:
+    Ritz values below this fraction of the top one are held to the rule at that level, for operators of rank
+    below ``count`` (a Jacobian under a small mask), whose null directions' residuals never fall below a
+    fraction of their rounding-sized Ritz values.
     """
     device, dtype = like.device, like.dtype
     count = min(count, width)
@@ -222,14 +227,15 @@ def top_right_singular(apply, apply_t, width: int, count: int, like: torch.Tenso
         return _exact(apply, width, count, device, dtype)
     start = torch.randn(width, block, generator=torch.Generator().manual_seed(seed), device="cpu").to(device, dtype)
     for operator in ([draft] if draft is not None else []) + [(apply, apply_t)]:
-        found = _block_krylov(*operator, start, count, tolerance, blocks_per_check)
+        found = _block_krylov(*operator, start, count, tolerance, blocks_per_check, floor)
         if found is None:
             return _exact(apply, width, count, device, dtype)
         start, values = found
     return fix_signs(start[:, :count].T), values[:count].sqrt()
 
 
-def _block_krylov(apply, apply_t, start: torch.Tensor, count: int, tolerance: float, blocks_per_check: int):
+def _block_krylov(apply, apply_t, start: torch.Tensor, count: int, tolerance: float, blocks_per_check: int,
+                  floor: float):
     """Block Krylov on A^T A from ``start`` [width, block] until the top ``count`` Ritz pairs meet the
     residual rule: (the top ``block`` Ritz vectors [width, block], their values), or None once the
     basis would pass half the width. The Gram matrix Q^T A^T A Q grows a block at a time."""
@@ -243,7 +249,7 @@ def _block_krylov(apply, apply_t, start: torch.Tensor, count: int, tolerance: fl
         coefficients = gram_vectors.flip(1)[:, :block]
         ritz = basis @ coefficients
         residual = products @ coefficients[:, :count] - ritz[:, :count] * values[:count]
-        if (residual.norm(dim=0) <= tolerance * values[:count]).all():
+        if (residual.norm(dim=0) <= tolerance * values[:count].clamp(min=floor * values[0])).all():
             return ritz, values
         for _ in range(1 if basis.shape[1] == block else blocks_per_check):
             if basis.shape[1] + block > width // 2:
@@ -251,7 +257,10 @@ def _block_krylov(apply, apply_t, start: torch.Tensor, count: int, tolerance: fl
             grown = products[:, -block:]
             for _ in range(2):  # twice is enough (Giraud et al.): the new block orthogonal to the basis in float32
                 grown = grown - basis @ (basis.T @ grown)
-            new = torch.linalg.qr(grown).Q
+            new, r = torch.linalg.qr(grown)
+            diagonal = r.diagonal().abs()
+            if (diagonal <= DEPENDENT * diagonal.max()).any():  # the Krylov space ran out (rank below the block):
+                new = torch.linalg.qr(new - basis @ (basis.T @ new)).Q  # QR's filler columns, made orthogonal too
             new_products = apply_t(apply(new))
             across = basis.T @ new_products
             gram = torch.cat([torch.cat([gram, across], dim=1), torch.cat([across.T, new.T @ new_products], dim=1)])

@@ -20,7 +20,7 @@ import math
 
 import torch
 
-TOLERANCE = 3e-4  # a step stops once its fixed-point residual |F(y) - y| / |y| is below this
+TOLERANCE = 3e-4  # a step stops once its fixed-point residual |F(y) - y| / max(|y|, |F(y)|) is below this
 ANDERSON_MEMORY = 5
 SPARE_SPLIT = 8  # a step may use one call and 1/8 of the spare (bench_invert.py: 2 starves upper steps, 12 the lowest)
 
@@ -62,9 +62,17 @@ def anderson_solve(fixed_map, start, evaluations: int, tolerance: float = 0.0, m
     return y, torch.stack(norms)
 
 
+def finite(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``x``, or a one-line error: a model whose prediction holds NaN would otherwise give a NaN latent."""
+    if not torch.isfinite(x).all():
+        raise ValueError(f"model: its prediction holds NaN or infinite values at sigma {sigma:.4g}; check the model "
+                         f"(or a LoRA's strength), the latent and the conditioning")
+    return x
+
+
 def extrapolated_slope(slopes, sigmas, target):
     """The slope at ``target`` extrapolated linearly in log sigma from the last two (sigma, slope) pairs."""
-    if len(slopes) < 2:
+    if len(slopes) < 2 or sigmas[-1] == sigmas[-2]:  # a schedule may repeat a sigma (more steps than timesteps)
         return slopes[-1]
     weight = (math.log(target) - math.log(sigmas[-1])) / (math.log(sigmas[-1]) - math.log(sigmas[-2]))
     return slopes[-1] + (slopes[-1] - slopes[-2]) * weight
@@ -80,7 +88,7 @@ def invert(denoise, x, sigmas, refine: int = 0, callback=None):
     sigmas = [float(s) for s in sigmas]
     if refine == 0:
         for i in range(steps):
-            x = plain_step(denoise, x, sigmas[i], sigmas[i + 1])
+            x = finite(plain_step(denoise, x, sigmas[i], sigmas[i + 1]), sigmas[i + 1])
             if callback is not None:
                 callback(i, x, None)
         return x
@@ -97,6 +105,7 @@ def invert(denoise, x, sigmas, refine: int = 0, callback=None):
         remaining = steps - i
         calls = 1 + (budget - remaining) // min(SPARE_SPLIT, remaining)  # every later step keeps one call
         x, residuals = anderson_solve(fixed_map, start, calls, TOLERANCE)
+        x = finite(x, high)
         budget -= len(residuals)
         slopes, slope_sigmas = slopes[-1:] + evaluated[-1:], slope_sigmas[-1:] + [high]
         if callback is not None:

@@ -13,6 +13,7 @@ from .attention import top_right_singular
 
 TOLERANCE = 2e-2  # Ritz residual over Ritz value: each gain within 1% of a singular value (half-precision models too)
 EXACT_WIDTH = 64  # narrower sites are formed (a model row per channel): no dearer than a few blocks of products
+NEGLIGIBLE = 1e-3  # gains under 3% of the top one need only be that small: a small mask leaves J of rank below count
 
 
 @torch.no_grad()
@@ -42,4 +43,5 @@ def jacobian_directions(apply, apply_t, width: int, count: int, row_weights: tor
     def backward(outputs):
         return checked(apply_t(weighted(outputs)))
     return top_right_singular(forward, backward, width, count, like=torch.empty(0, device="cpu"), tolerance=TOLERANCE,
-                              exact_width=EXACT_WIDTH if apply_t is not None else width, blocks_per_check=1)
+                              exact_width=EXACT_WIDTH if apply_t is not None else width, blocks_per_check=1,
+                              floor=NEGLIGIBLE)

@@ -47,8 +47,8 @@ def log_residuals(residuals):
     """Each step's fixed-point residual in the log; a warning when one is large enough to show in the image."""
     if not residuals:
         return
-    logging.info("DDIM inversion: fixed-point residual per step, lowest sigma first (|F(x) - x| / |x|): %s",
-                 " ".join(f"{r:.1e}" for r in residuals))
+    logging.info("DDIM inversion: fixed-point residual per step, lowest sigma first "
+                 "(|F(x) - x| / max(|x|, |F(x)|)): %s", " ".join(f"{r:.1e}" for r in residuals))
     worst = max(range(len(residuals)), key=residuals.__getitem__)
     if residuals[worst] > UNCONVERGED:
         logging.warning("DDIM inversion: step %d of %d has not converged (residual %.1e > %.0e): the image will not "

@@ -29,6 +29,14 @@ def test_no_more_directions_than_the_samples_span():
     assert principal_directions(torch.randn(3, 40, 5), 8)[0].shape == (5, 5)  # nor more than the channels
 
 
+def test_samples_all_alike_have_no_directions_and_repeated_ones_add_none():
+    with pytest.raises(ValueError, match="features: the samples' activations are the same at every recorded step"):
+        principal_directions(torch.ones(3, 4, 16), 2)
+    two = torch.randn(3, 2, 16, generator=torch.Generator().manual_seed(3))
+    repeated = torch.cat([two, two, two], dim=1)  # 6 samples, 2 distinct per step: 3 directions, not 8
+    assert principal_directions(repeated, 8)[0].shape == (3, 16)
+
+
 def test_too_few_samples_is_refused_with_the_expected_shape():
     with pytest.raises(ValueError, match=r"features: expected \[timesteps >= 1, samples >= 2, channels\]"):
         principal_directions(torch.zeros(4, 1, 8), 2)
@@ -58,3 +66,5 @@ def test_a_pair_without_a_difference_or_of_other_steps_is_refused():
         mean_difference(same, torch.zeros(3, 2, 8), scale=1.0)
     with pytest.raises(ValueError, match="source: the recorded activations hold NaN"):
         mean_difference(torch.full((4, 2, 8), float("nan")), same, scale=1.0)
+    with pytest.raises(ValueError, match="scale: expected the site's RMS token norm, a positive number, got nan"):
+        mean_difference(same, same + 1, scale=float("nan"))

@@ -177,6 +177,25 @@ def test_a_clear_gap_pins_the_subspace():
     assert torch.linalg.svdvals(top[:10] @ vectors.T).min() > 0.999
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_an_operator_of_rank_below_count_stops_in_krylov_with_null_directions(dtype):
+    """A rank-3 operator asked for 8 directions (a Jacobian under a small mask), with the Jacobian's floor: the top
+    3 gains exact, the rest null directions (gains under 0.2% of the top), found in two blocks of products, not
+    by forming the operator."""
+    values = torch.cat([torch.tensor([3.0, 2.0, 1.0]), torch.zeros(637)]).double()
+    apply, apply_t, top = planted_operator(values, seed=2)
+    products = []
+
+    def counted(x):
+        products.append(x.shape[1])
+        return apply(x.double()).to(dtype)
+    vectors, gains = top_right_singular(counted, lambda y: apply_t(y.double()).to(dtype), 640, 8,
+                                        like=torch.zeros(1, dtype=dtype), floor=1e-3)
+    assert sum(products) == 2 * (8 + 6)  # the start block and one more: no exact decomposition (640 products)
+    assert torch.allclose(gains[:3].double(), values[:3], rtol=1e-5) and (gains[3:] < 2e-3 * gains[0]).all()
+    assert torch.linalg.svdvals(top[:3] @ vectors[:3].T.double()).min() > 0.9999
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_a_bfloat16_draft_only_chooses_the_subspace(method):
     """Grown with bfloat16 products, checked with the float32 operator: the same rule holds on the

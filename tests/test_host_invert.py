@@ -5,7 +5,7 @@ import torch
 from directions_testing import assert_float32_close
 
 from harness.inversion import fixed_point_sampler, invert_with, sample_back, schedule
-from semantic_directions.directions.inversion import anderson_solve
+from semantic_directions.directions.inversion import anderson_solve, invert
 
 
 def linear_fixed_point(size=6, radius=0.9):
@@ -41,6 +41,22 @@ def test_anderson_stops_at_the_tolerance_and_reports_each_calls_residual():
     assert len(calls) == len(residuals) <= 8 and residuals[-1].max() <= 1e-3 < residuals[-2].max()
     assert torch.allclose(residuals[0], torch.ones(2, dtype=torch.float64))  # |F(0) - 0| / max(|0|, |F(0)|)
     assert (solved - exact).norm() < 1e-2 * exact.norm()
+
+
+@pytest.mark.parametrize("refine", [0, 2])
+def test_a_model_predicting_nan_is_named_not_inverted_to_nan(refine):
+    def broken(x, sigma):
+        return x * float("nan") if sigma > 5 else x / (1 + sigma ** 2)
+    with pytest.raises(ValueError, match="model: its prediction holds NaN or infinite values at sigma"):
+        invert(broken, torch.randn(1, 4, 4, 4), torch.linspace(0, 14, 6), refine)
+
+
+def test_a_schedule_repeating_a_sigma_inverts():
+    """More steps than timesteps make some schedules repeat a sigma: that step is empty, not a division by 0."""
+    x = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(2))
+    sigmas = torch.tensor([0.0, 0.5, 1.0, 1.0, 2.0, 4.0])
+    inverted = invert(lambda y, sigma: y / (1 + sigma ** 2), x, sigmas, 2)
+    assert torch.isfinite(inverted).all() and inverted.abs().max() > 0
 
 
 def gradient_image():

@@ -48,6 +48,19 @@ def test_products_alone_find_the_top_singular_vectors(weighted):
     assert 0 < made["forward"] == made["reverse"] < 320 / 2  # never the 320 products of forming J
 
 
+def test_a_small_mask_leaves_fewer_directions_than_asked_without_forming_j():
+    """A mask over 3 output entries: the weighted J has rank 3, so 6 directions are 3 and 3 null ones (gains
+    under 0.45% of the top, the floor's bound), found by products alone, not by forming J (320 products)."""
+    jacobian = planted(600, 320, [8.0, 6.0, 5.0, 4.0, 3.0, 2.5, 2.0, 1.5])
+    weights = torch.zeros(600)
+    weights[[7, 300, 555]] = 1.0
+    apply, apply_t, made = counted(jacobian)
+    vectors, gains = jacobian_directions(apply, apply_t, 320, 6, weights)
+    values = torch.linalg.svdvals(weights.double()[:, None] * jacobian)
+    assert torch.allclose(gains[:3].double(), values[:3], rtol=1e-2) and (gains[3:] < 4.5e-3 * gains[0]).all()
+    assert 0 < made["forward"] == made["reverse"] < 320 / 2
+
+
 def test_narrow_sites_are_formed_and_decomposed_exactly():
     jacobian = planted(200, EXACT_WIDTH, [3.0, 2.0])
     apply, apply_t, made = counted(jacobian)

@@ -170,3 +170,32 @@ def test_a_cached_sweep_reads_back_equal_without_sampling_again(host, tmp_path):
     stored[0].write_text(stored[0].read_text()[:20])  # cut short by a crash: measured again, not an error
     world.sweep = World.sweep.__get__(world)
     assert measure_direction(world, dset, site, 0, base_images, base_factors, alphas, cache)[1] == record
+
+
+def test_a_cached_direction_set_reads_back_equal_without_making_it_again(host, tmp_path):
+    """A full run keeps its slow direction sets (pairs, Jacobians, ceilings) as the pack's direction files: made
+    once, read back equal (vectors, method, params) without calling the recipe; other inputs, another name are
+    other entries."""
+    import torch
+
+    from benchmarks.bench_semantics import SweepCache, World, unit_set
+    from semantic_directions.directions import directionset
+    from semantic_directions.nodes.host import made_for
+    world = World(host, seeds=2)
+    cache = SweepCache(world, tmp_path)
+    site, made = "h_space", []
+
+    def make():
+        made.append(1)
+        dset = unit_set(directionset, made_for(world.model), {site: np.random.default_rng(4).standard_normal((3, 64))},
+                        "ceiling")
+        dset.params["meaning"] = [["pure", 2], ["strongest", 5], ["pure", 6]]
+        return dset
+    first = cache.direction_set("ceiling h_space", make, [2, 5, 6])
+    again = cache.direction_set("ceiling h_space", make, [2, 5, 6])
+    assert len(made) == 1 and cache.set_hits == 1
+    assert torch.equal(again.sites[site].vectors, first.sites[site].vectors)
+    assert (again.method, again.params, again.model) == (first.method, first.params, first.model)
+    cache.direction_set("ceiling h_space", make, [2, 5])
+    cache.direction_set("ceiling middle", make, [2, 5, 6])
+    assert len(made) == 3 and len(list((tmp_path / "sets").glob("*.safetensors"))) == 3
