@@ -119,7 +119,6 @@ def test_settings_follow_the_device():
     cpu = settings_from({}, "SD1.5", gpu=False)
     assert (cpu.device, cpu.quick, cpu.size, cpu.steps, cpu.sweep) == ("cpu", True, QUICK_SIZE["SD1.5"], QUICK_STEPS,
                                                                       QUICK_SWEEP)
-    assert QUICK_SIZE["SD1.5"] <= 256 and QUICK_STEPS <= 10 and len(QUICK_SWEEP) < 5
     assert settings_from({}, "SDXL", gpu=False).size == QUICK_SIZE["SDXL"]
     for settings in (settings_from({}, "SD1.5", gpu=True), settings_from({"DEMO_QUICK": "0"}, "SDXL", gpu=False),
                      settings_from({}, None, gpu=False)):

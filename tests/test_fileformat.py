@@ -9,6 +9,7 @@ import torch
 from directions_testing import SITE_A, orthonormal, sample_set
 from safetensors.torch import save_file
 
+from semantic_directions.directions import __version__
 from semantic_directions.directions.directionset import (
     DirectionError,
     DirectionSet,
@@ -176,5 +177,5 @@ def test_site_kinds_and_summary():
     with pytest.raises(DirectionError, match="'latent' is not a known site"):
         site_kind("latent")  # no node makes or takes directions in the latent itself
     text = describe(sample_set())
-    assert text.splitlines()[0] == "test directions for SD15 (3 sites, pack 0.1.0)"
+    assert text.splitlines()[0] == f"test directions for SD15 (3 sites, pack {__version__})"
     assert f"{SITE_A}: 4 x 64" in text
