@@ -1,10 +1,22 @@
 """Helpers for the tests: sample direction sets, float32 comparisons, the Jacobian node's products."""
 import torch
 
+from semantic_directions.directions.attention import AttentionWeights
 from semantic_directions.directions.directionset import DirectionSet, SiteDirections, model_fingerprint
 
 SITE_A = "input_blocks.7.1.transformer_blocks.0.attn1"
 SITE_B = "middle_block.1.transformer_blocks.0.attn1"
+
+
+def randn(*shape, seed=1):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def random_layer(width, heads, seed=0, dtype=torch.float64):
+    """An attention layer's weights, Gaussian with variance 1 / width (what a trained layer's init draws)."""
+    generator = torch.Generator().manual_seed(seed)
+    make = lambda rows, cols: torch.randn(rows, cols, generator=generator, dtype=dtype) / cols ** 0.5  # noqa: E731
+    return AttentionWeights(make(width, width), make(width, width), make(width, width), make(width, width), heads)
 
 
 def orthonormal(count: int, width: int, seed: int) -> torch.Tensor:

@@ -1,7 +1,7 @@
 """Library layer: the edit's arithmetic and the Asyrp step on plain tensors; and the host's batch layout."""
 import pytest
 import torch
-from directions_testing import assert_float32_close
+from directions_testing import assert_float32_close, randn
 
 from semantic_directions.directions.apply import DirectionEdit, Rows, mask_to_tokens, rms_token_norm, shift_feature_map
 from semantic_directions.directions.asyrp import asyrp_step
@@ -21,10 +21,6 @@ def rows(count, images=None, edited=None, sigma=5.0):
 
 def unit(width, seed=0):
     return torch.nn.functional.normalize(torch.randn(width, generator=torch.Generator().manual_seed(seed)), dim=0)
-
-
-def randn(*shape, seed=1):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
 
 
 def test_parse_numbers():

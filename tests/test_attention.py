@@ -1,7 +1,7 @@
 """The attention eigendirection math: formula against the host's real attention, optimality, numerics."""
 import pytest
 import torch
-from directions_testing import assert_float32_close
+from directions_testing import assert_float32_close, random_layer
 
 from semantic_directions.directions.attention import (
     EXACT_SVD_MAX_WIDTH,
@@ -15,12 +15,6 @@ from semantic_directions.directions.attention import (
     top_right_singular,
     whitening_constant,
 )
-
-
-def random_layer(width, heads, seed=0, dtype=torch.float64, out_bias=False):
-    generator = torch.Generator().manual_seed(seed)
-    make = lambda rows, cols: torch.randn(rows, cols, generator=generator, dtype=dtype) / cols ** 0.5  # noqa: E731
-    return AttentionWeights(make(width, width), make(width, width), make(width, width), make(width, width), heads)
 
 
 def host_attention(host, weights: AttentionWeights):
