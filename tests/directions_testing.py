@@ -1,5 +1,7 @@
-"""Helpers for the tests: sample direction sets, float32 comparisons, the Jacobian node's products."""
+"""Helpers for the tests: sample direction sets, float32 comparisons, the Jacobian node's products, saved images."""
+import numpy as np
 import torch
+from PIL import Image
 
 from semantic_directions.directions.attention import AttentionWeights
 from semantic_directions.directions.directionset import DirectionSet, SiteDirections, model_fingerprint
@@ -69,3 +71,15 @@ def assert_reverse_products_transpose_forward_ones(model, positive, negative, sa
     assert forward.abs().max() > 0
     # sums of a few thousand float32 products either way: agreement to float32 rounding of their size
     assert_float32_close(reverse, forward, ulps=2 ** 10)
+
+
+def saved_image(host, outputs: dict, node_id: str) -> np.ndarray:
+    """The first image a SaveImage (or PreviewImage) node of a run wrote, as float32 [H, W, 3] in 0-255."""
+    entry = outputs[node_id]["images"][0]
+    folder = host.base / ("output" if entry["type"] == "output" else "temp")
+    return np.asarray(Image.open(folder / entry["subfolder"] / entry["filename"]), dtype=np.float32)
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR in dB of 8-bit images."""
+    return float(10 * np.log10(255 ** 2 / np.mean((a - b) ** 2)))

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from directions_testing import assert_float32_close
+from directions_testing import assert_float32_close, psnr, saved_image
 
 from harness.inversion import fixed_point_sampler, invert_with, sample_back, schedule
 from semantic_directions.directions.inversion import anderson_solve, invert
@@ -308,15 +308,12 @@ def test_graph_invert_edit_and_reconstruct(host, kit):
             "save_ref": {"class_type": "SaveImage", "inputs": {"images": ["vae_only", 0], "filename_prefix": "ref"}},
         }
 
-    def saved(outputs, node):
-        entry = outputs[node]["images"][0]
-        return np.asarray(Image.open(host.base / "output" / entry["subfolder"] / entry["filename"]), dtype=np.float32)
     outputs = host.run(graph(0.0), cached=False)
-    reconstruction, reference = saved(outputs, "save"), saved(outputs, "save_ref")
-    psnr = 10 * np.log10(255 ** 2 / np.mean((reconstruction - reference) ** 2))
-    print("reconstruction PSNR against the VAE's own round trip:", psnr)
-    assert psnr > 35  # against the VAE's own round trip, the best any inversion can do (measured 39.1 dB)
-    edited = saved(host.run(graph(1.0), cached=False), "save")
+    reconstruction, reference = saved_image(host, outputs, "save"), saved_image(host, outputs, "save_ref")
+    print("reconstruction PSNR against the VAE's own round trip:", psnr(reconstruction, reference))
+    # against the VAE's own round trip, the best any inversion can do (measured 39.1 dB)
+    assert psnr(reconstruction, reference) > 35
+    edited = saved_image(host, host.run(graph(1.0), cached=False), "save")
     assert np.abs(edited - reference).max() > 10
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from directions_testing import saved_image as saved
 
 from harness.host import NodeFailed
 
@@ -65,12 +65,6 @@ def attribute_graph(target_weight=1.0, source_weight=1.0, target_values_weight=0
     for name in ("edited", "plain", "target"):
         decode_and_save(nodes, name, name)
     return nodes
-
-
-def saved(host, outputs, node):
-    entry = outputs[node]["images"][0]
-    folder = "output" if entry["type"] == "output" else "temp"
-    return np.asarray(Image.open(host.base / folder / entry["subfolder"] / entry["filename"]), dtype=np.float32)
 
 
 def test_attribute_graph_moves_the_image_towards_the_target_prompt(host):

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from directions_testing import psnr
+from directions_testing import saved_image as saved
 from PIL import Image
 
 from scripts.build_workflows import SDXL_CHECKPOINT, WORKFLOWS, build_all
@@ -110,12 +112,6 @@ def write_photo(host, name="example.png", size=64):
     Image.fromarray((image * 255).round().astype(np.uint8)).save(host.base / "input" / name)
 
 
-def saved(host, outputs, node_id):
-    entry = outputs[node_id]["images"][0]
-    folder = host.base / ("output" if entry["type"] == "output" else "temp")
-    return np.asarray(Image.open(folder / entry["subfolder"] / entry["filename"]), dtype=np.float32)
-
-
 def vae_round_trip(host, image: str, loader=TINY_CHECKPOINT, vae_output=2):
     """The tiny VAE's encoding and decoding of an input image (the tiny checkpoint's, or another loader's
     output): the best a reconstruction can be."""
@@ -127,10 +123,6 @@ def vae_round_trip(host, image: str, loader=TINY_CHECKPOINT, vae_output=2):
         "s": {"class_type": "SaveImage", "inputs": {"images": ["d", 0], "filename_prefix": "round_trip"}},
     }, cached=False)
     return saved(host, outputs, "s")
-
-
-def psnr(a, b):
-    return 10 * np.log10(255 ** 2 / np.mean((a - b) ** 2))
 
 
 def check_edit_real_image(host, workflow, outputs, model_loader="CheckpointLoaderSimple", prefix="semdir_",
@@ -168,21 +160,53 @@ def check_discover_and_sweep(host, workflow, outputs):
             node["widgets_values"][-1] = "0, 0, 0, 0, 0"
         if node["type"] == "LabelledImageGrid":
             node["widgets_values"][0] = "0, 0, 0, 0, 0"
-    outputs = run_everything(host, workflow)
-    save = next(str(node["id"]) for node in workflow["nodes"] if node["type"] == "SaveImage")
-    grid = saved(host, outputs, save)
-    tiles = [grid[24:, i * TINY_SIZE:(i + 1) * TINY_SIZE] for i in range(5)]
+    tiles = grid_tiles(host, workflow, run_everything(host, workflow))
     differences = [float(np.abs(tile - tiles[0]).max()) for tile in tiles[1:]]
     # batched arithmetic may round one step apart; other noise differs by far more
     assert max(differences) <= 2, differences
 
 
+def saved_by_prefix(host, workflow, outputs, prefix=None):
+    """The image the first SaveImage node (or the one saving under ``prefix``) wrote."""
+    node = next(node for node in workflow["nodes"]
+                if node["type"] == "SaveImage" and prefix in (None, node["widgets_values"][0]))
+    return saved(host, outputs, str(node["id"]))
+
+
 def grid_tiles(host, workflow, outputs, count=5, prefix=None):
     """The tiles of the grid the first SaveImage node (or the one saving under ``prefix``) wrote."""
-    save = next(str(node["id"]) for node in workflow["nodes"]
-                if node["type"] == "SaveImage" and prefix in (None, node["widgets_values"][0]))
-    grid = saved(host, outputs, save)
+    grid = saved_by_prefix(host, workflow, outputs, prefix)
     return [grid[24:, i * grid.shape[1] // count:(i + 1) * grid.shape[1] // count] for i in range(count)]
+
+
+def check_asyrp_edit(host, workflow, outputs):
+    """The Asyrp Sampler's edited image differs from the unedited one sampled on the same noise; at alpha 0 the
+    patched model is the model, and the two are the same image."""
+    def pair(outputs):
+        return [saved_by_prefix(host, workflow, outputs, f"semdir_asyrp_{name}") for name in ("edited", "unedited")]
+    edited, unedited = pair(outputs)
+    assert np.abs(edited - unedited).max() > 2
+    for node in workflow["nodes"]:
+        if node["type"] == "ApplyDirection":
+            node["widgets_values"][2] = 0.0  # index, layer, alpha, ...
+    edited, unedited = pair(run_everything(host, workflow))
+    assert np.array_equal(edited, unedited)
+
+
+def check_svd_attribute(host, workflow, outputs):
+    """The fitted latent, continued with the source prompt, moves the image; fitted to the source alone (the
+    target's weights 0) it moves it far less: at the workflow's k 16, m 8 and 300 iterations the fit starts at
+    the target's components and does not quite reach the source latent (mean change 1.0 levels, against 2.5)."""
+    def change(outputs):
+        edited, original = (saved_by_prefix(host, workflow, outputs, f"semdir_svd_{name}")
+                            for name in ("edited", "original"))
+        return float(np.abs(edited - original).mean())
+    default = change(outputs)
+    for node in workflow["nodes"]:
+        if node["type"] == "SVDLatentAttribute":  # k, m, target_weight, source_weight, target_values, source_values
+            node["widgets_values"][2], node["widgets_values"][4], node["widgets_values"][5] = 0.0, 0.0, 0.0
+    source_only = change(run_everything(host, workflow))
+    assert default > 1 and source_only < default / 2, (default, source_only)
 
 
 def check_named_direction(host, workflow, outputs):
@@ -245,7 +269,9 @@ EXTRA_CHECKS = {"named_direction.json": check_named_direction,
                 "flux_discover_and_sweep.json": check_flux_discover_and_sweep,
                 "directions_from_examples.json": check_directions_from_examples,
                 "localized_edit.json": check_localized_edit, "discover_and_sweep.json": check_discover_and_sweep,
-                "edit_real_image.json": check_edit_real_image, "save_and_reuse.json": check_save_and_reuse}
+                "edit_real_image.json": check_edit_real_image, "save_and_reuse.json": check_save_and_reuse,
+                "sdxl_discover_and_sweep.json": check_discover_and_sweep, "asyrp_edit.json": check_asyrp_edit,
+                "svd_attribute.json": check_svd_attribute}
 
 
 @pytest.mark.parametrize("name", sorted(path.name for path in WORKFLOWS.glob("*.json")))
