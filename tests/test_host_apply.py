@@ -6,6 +6,7 @@ import torch
 from directions_testing import FLOAT32_EPS, assert_float32_close, orthonormal
 
 from harness.host import NodeFailed
+from harness.inversion import schedule
 from semantic_directions.directions.directionset import DirectionSet, SiteDirections
 from semantic_directions.nodes.host import block_key, made_for
 
@@ -46,7 +47,7 @@ class Kit:
                                                torch.zeros(batch, 4, 8, 8), seed=seed)
 
     def sigmas(self, model, steps):
-        return self.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", steps)
+        return schedule(model, "normal", steps)
 
 
 def conditioning(seed):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from directions_testing import assert_float32_close, assert_reverse_products_transpose_forward_ones
 
+from harness.inversion import schedule
 from semantic_directions.directions.attention import (
     AttentionWeights,
     attention_directions,
@@ -317,10 +318,8 @@ class FluxKit:
     path; its latent is GRID tokens (times the patch size) of the family's channels."""
 
     def __init__(self, host, family):
-        import comfy.samplers
-
         from harness.test_nodes.dits import build_dit
-        self.host, self.samplers, self.family = host, comfy.samplers, family
+        self.host, self.family = host, family
         self.build = lambda **options: build_dit(family, **options)
         registry = host.nodes.NODE_CLASS_MAPPINGS
         self.apply_node = registry["ApplyDirection"]()
@@ -344,7 +343,7 @@ class FluxKit:
                                                latent)[0]["samples"]
 
     def sigmas(self, steps):
-        return self.samplers.calculate_sigmas(self.model.get_model_object("model_sampling"), "simple", steps)
+        return schedule(self.model, "simple", steps)
 
 
 def text(seed):
@@ -538,7 +537,7 @@ def test_ddim_invert_round_trip_on_flux(flux_kit, host):
     samples = torch.randn(1, *flux_kit.latent_shape, generator=torch.Generator().manual_seed(8))
     invert = host.nodes.NODE_CLASS_MAPPINGS["DDIMInvert"]()
     _, noise = invert.invert(model, {"samples": samples}, 25, "simple", 1.0, 3, positive)
-    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "simple", 25)
+    sigmas = schedule(model, "simple", 25)
     zeros = torch.zeros_like(samples)
 
     def sample_back(patcher):
@@ -669,7 +668,7 @@ def test_asyrp_sampler_takes_flux_attention_edits(flux_kit, host):
     import comfy.sample
     import comfy.samplers
     asyrp = host.nodes.NODE_CLASS_MAPPINGS["AsyrpSampler"]().get_sampler(0.0, 1.0)[0]
-    sigmas = comfy.samplers.calculate_sigmas(flux_kit.model.get_model_object("model_sampling"), "simple", 4)
+    sigmas = schedule(flux_kit.model, "simple", 4)
     noise = torch.randn(1, *flux_kit.latent_shape, generator=torch.Generator().manual_seed(3))
     zeros = torch.zeros_like(noise)
 

@@ -91,7 +91,7 @@ class Kit:
                            scheduler, cfg=cfg)
 
     def sigmas(self, steps):
-        return self.samplers.calculate_sigmas(self.model.get_model_object("model_sampling"), "normal", steps)
+        return schedule(self.model, "normal", steps)
 
     @staticmethod
     def conditioning():
@@ -190,7 +190,7 @@ def test_v_prediction_round_trip(kit):
 def test_inversion_sampler_path_agrees_with_the_node(kit):
     import comfy.sample
     sampler = kit.host.nodes.NODE_CLASS_MAPPINGS["DDIMInversionSampler"]().get_sampler(2)[0]
-    sigmas = kit.samplers.calculate_sigmas(kit.model.get_model_object("model_sampling"), "normal", 10).flip(0)
+    sigmas = schedule(kit.model, "normal", 10).flip(0)
     samples = kit.latent["samples"]
     via_sampler = comfy.sample.sample_custom(kit.model, torch.zeros_like(samples), 1.0, sampler, sigmas,
                                              kit.conditioning(), kit.conditioning(), samples, seed=0)
@@ -204,7 +204,7 @@ def test_flow_matching_inverts_its_euler_ode(kit):
     """A tiny UNet on the host's flow schedule, which starts at sigma 1: the NOISE output carries x_T."""
     import comfy.sample
     model = kit.build(seed=2, model_type="flow")
-    sigmas = kit.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 25)
+    sigmas = schedule(model, "normal", 25)
     assert float(sigmas[0]) == 1.0
     samples = kit.latent["samples"]
     inverted, noise = kit.invert_node.invert(model, kit.latent, 25, "normal", 1.0, 3, positive=kit.conditioning())
