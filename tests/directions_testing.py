@@ -83,3 +83,9 @@ def saved_image(host, outputs: dict, node_id: str) -> np.ndarray:
 def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR in dB of 8-bit images."""
     return float(10 * np.log10(255 ** 2 / np.mean((a - b) ** 2)))
+
+
+def conditioning(seed: int, tokens: int = 77, width: int = 32) -> list:
+    """The TinyConditioning test node's seeded text tokens for the tiny models, as CONDITIONING."""
+    from harness.test_nodes import TinyConditioning
+    return TinyConditioning().encode(seed, width, tokens)[0]

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from directions_testing import FLOAT32_EPS, assert_float32_close, orthonormal
+from directions_testing import FLOAT32_EPS, assert_float32_close, conditioning, orthonormal
 
 from harness.host import NodeFailed
 from harness.inversion import schedule
@@ -48,10 +48,6 @@ class Kit:
 
     def sigmas(self, model, steps):
         return schedule(model, "normal", steps)
-
-
-def conditioning(seed):
-    return [[torch.randn(1, 77, 32, generator=torch.Generator().manual_seed(seed)), {}]]
 
 
 @pytest.fixture(scope="module")

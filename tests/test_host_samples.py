@@ -4,16 +4,17 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from directions_testing import assert_float32_close, assert_reverse_products_transpose_forward_ones, orthonormal
+from directions_testing import (
+    assert_float32_close,
+    assert_reverse_products_transpose_forward_ones,
+    conditioning,
+    orthonormal,
+)
 
 from semantic_directions.directions.directionset import DirectionSet, SiteDirections, describe
 from semantic_directions.nodes.host import made_for
 
 SITE_7 = "input_blocks.7.1.transformer_blocks.0.attn1"
-
-
-def conditioning(seed, length=77):
-    return [[torch.randn(1, length, 32, generator=torch.Generator().manual_seed(seed)), {}]]
 
 
 def latent(batch):
