@@ -1,5 +1,8 @@
 """Helpers for the tests: sample direction sets, float32 comparisons, the Jacobian node's products, saved images."""
+import contextlib
+
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -89,3 +92,25 @@ def conditioning(seed: int, tokens: int = 77, width: int = 32) -> list:
     """The TinyConditioning test node's seeded text tokens for the tiny models, as CONDITIONING."""
     from harness.test_nodes import TinyConditioning
     return TinyConditioning().encode(seed, width, tokens)[0]
+
+
+@contextlib.contextmanager
+def progress_updates():
+    """The host's progress bar's (value, total) updates while inside; its hook and interrupt flag reset after."""
+    import comfy.model_management
+    import comfy.utils
+    updates = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, **kw: updates.append((value, total)))
+    try:
+        yield updates
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+        comfy.utils.set_progress_bar_global_hook(None)
+
+
+def assert_cancel_stops(run) -> None:
+    """With the host's interrupt flag set (the user's Cancel), ``run()`` stops with the host's exception."""
+    import comfy.model_management
+    comfy.model_management.interrupt_current_processing(True)
+    with pytest.raises(comfy.model_management.InterruptProcessingException):
+        run()

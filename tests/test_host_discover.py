@@ -3,6 +3,7 @@ import hashlib
 
 import pytest
 import torch
+from directions_testing import assert_cancel_stops, progress_updates
 from graphs import discover_and_save
 
 from semantic_directions.directions.attention import AttentionWeights, attention_directions
@@ -138,24 +139,15 @@ def test_results_are_cached_per_model_patches_and_parameters(host, tiny):
 
 
 def test_progress_is_reported_per_layer_and_cancelling_stops(host, tiny):
-    import comfy.model_management
-    import comfy.utils
     build_unet, node = tiny
     patcher = build_unet("sd15", seed=11)
-    updates = []
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, **kw: updates.append((value, total)))
     threads = torch.get_num_threads()
-    try:
+    with progress_updates() as updates:
         node.discover(patcher, "all", 2, "value", 1.0)
         assert updates[-1] == (16, 16) and len(updates) == 16
         assert torch.get_num_threads() == threads  # the layers ran one per core; the host's setting is back
-        comfy.model_management.interrupt_current_processing(True)
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            node.discover(patcher, "all", 2, "whitened", 1.0)
+        assert_cancel_stops(lambda: node.discover(patcher, "all", 2, "whitened", 1.0))
         assert len(updates) == 17 and torch.get_num_threads() == threads
-    finally:
-        comfy.model_management.interrupt_current_processing(False)
-        comfy.utils.set_progress_bar_global_hook(None)
 
 
 def test_bad_inputs_get_clear_errors(host, tiny):

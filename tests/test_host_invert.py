@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from directions_testing import assert_float32_close, psnr, saved_image
+from directions_testing import assert_cancel_stops, assert_float32_close, progress_updates, psnr, saved_image
 
 from harness.inversion import fixed_point_sampler, invert_with, sample_back, schedule
 from semantic_directions.directions.inversion import anderson_solve, invert
@@ -259,19 +259,10 @@ def test_high_cfg_warns(kit, caplog):
 
 
 def test_progress_and_cancel(kit):
-    import comfy.model_management
-    import comfy.utils
-    updates = []
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, **kw: updates.append((value, total)))
-    try:
+    with progress_updates() as updates:
         kit.invert(steps=5, refine=1)
         assert updates[-1] == (5, 5)
-        comfy.model_management.interrupt_current_processing(True)
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            kit.invert(steps=5, refine=1)
-    finally:
-        comfy.model_management.interrupt_current_processing(False)
-        comfy.utils.set_progress_bar_global_hook(None)
+        assert_cancel_stops(lambda: kit.invert(steps=5, refine=1))
 
 
 def test_graph_invert_edit_and_reconstruct(host, kit):

@@ -5,10 +5,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from directions_testing import (
+    assert_cancel_stops,
     assert_float32_close,
     assert_reverse_products_transpose_forward_ones,
     conditioning,
     orthonormal,
+    progress_updates,
 )
 
 from semantic_directions.directions.directionset import DirectionSet, SiteDirections, describe
@@ -185,28 +187,18 @@ def test_the_example_pair_records_two_batches_of_different_sizes(kit):
 
 
 def test_progress_and_cancel(host, kit):
-    import comfy.model_management
-    import comfy.utils
     model, pca_node, *_ = kit
-    updates = []
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, **kw: updates.append((value, total)))
-    try:
+    jacobian = host.nodes.NODE_CLASS_MAPPINGS["DirectionsFromImage"]()
+    with progress_updates() as updates:
         pca(pca_node, model)
         assert updates[-1] == (4, 4)
-        jacobian = host.nodes.NODE_CLASS_MAPPINGS["DirectionsFromImage"]()
         updates.clear()
         jacobian.directions(model, conditioning(1), conditioning(2), latent(1), 0, 0.3, 1.0, "h_space", 2)
         rows = [value for value, _ in updates[:-1]]  # model rows as the chunks finish, then the bar completes
         assert len(rows) > 2 and rows == sorted(rows) and updates[-1][0] == updates[-1][1] >= rows[-1]
-        comfy.model_management.interrupt_current_processing(True)
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            pca(pca_node, model)
-        comfy.model_management.interrupt_current_processing(True)
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            jacobian.directions(model, conditioning(1), conditioning(2), latent(1), 0, 0.3, 1.0, "h_space", 2)
-    finally:
-        comfy.model_management.interrupt_current_processing(False)
-        comfy.utils.set_progress_bar_global_hook(None)
+        assert_cancel_stops(lambda: pca(pca_node, model))
+        assert_cancel_stops(lambda: jacobian.directions(model, conditioning(1), conditioning(2), latent(1), 0, 0.3,
+                                                        1.0, "h_space", 2))
 
 
 def test_bad_inputs_get_one_line_errors(kit):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import torch
-from directions_testing import assert_float32_close
+from directions_testing import assert_cancel_stops, assert_float32_close, progress_updates
 from directions_testing import saved_image as saved
 
 from harness.host import NodeFailed
@@ -131,17 +131,8 @@ def test_analysis_node(nodes):
 
 
 def test_attribute_reports_progress_and_stops_on_cancel(nodes):
-    import comfy.model_management
-    import comfy.utils
     attribute, source, target = nodes[0], latent(2), latent(3)
-    updates = []
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, **kw: updates.append((value, total)))
-    try:
+    with progress_updates() as updates:
         result = attribute.transfer(source, target, 4, 2, 1.0, 1.0, 0.1, 0.1, 50, 0, True)[0]
         assert result["samples"].shape == source["samples"].shape and updates[-1] == (50, 50)
-        comfy.model_management.interrupt_current_processing(True)
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            attribute.transfer(source, target, 4, 2, 1.0, 1.0, 0.1, 0.1, 50, 0, True)
-    finally:
-        comfy.model_management.interrupt_current_processing(False)
-        comfy.utils.set_progress_bar_global_hook(None)
+        assert_cancel_stops(lambda: attribute.transfer(source, target, 4, 2, 1.0, 1.0, 0.1, 0.1, 50, 0, True))
