@@ -1,4 +1,27 @@
-"""Small API-format prompt builders shared by the host and server tests."""
+"""Small API-format prompt builders shared by the host and server tests, and posting one to a server."""
+import json
+import time
+import uuid
+
+import requests
+
+PROMPT_TIMEOUT_S = 120
+
+
+def submitted(url: str, prompt: dict):
+    """POST the prompt to the server at ``url``; return (its 400 reply's JSON, None), or (None, its history entry)
+    once it has run. Numbers go as JSON as API clients send them (NaN and Infinity included)."""
+    prompt_id = str(uuid.uuid4())
+    body = json.dumps({"prompt": prompt, "prompt_id": prompt_id})
+    reply = requests.post(f"{url}/prompt", data=body, headers={"Content-Type": "application/json"}, timeout=30)
+    if reply.status_code == 400:
+        return reply.json(), None
+    assert reply.ok, reply.text
+    deadline = time.monotonic() + PROMPT_TIMEOUT_S
+    while not (history := requests.get(f"{url}/history/{prompt_id}", timeout=10).json()):
+        assert time.monotonic() < deadline, f"prompt not done in {PROMPT_TIMEOUT_S}s"
+        time.sleep(0.1)
+    return None, history[prompt_id]
 
 
 def save_loaded_directions(source: str, target: str, overwrite: bool = False) -> dict:

@@ -5,13 +5,12 @@ outside the folders a prompt may write to."""
 import json
 import math
 import re
-import time
-import uuid
 from pathlib import Path
 
 import pytest
 import requests
 import torch
+from graphs import submitted
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -19,7 +18,6 @@ from semantic_directions.directions.fileformat import METADATA_KEY
 
 pytestmark = pytest.mark.server
 
-PROMPT_TIMEOUT_S = 120
 WRITABLE = ("models/directions", "output", "temp", "user", "input")
 LOG = "server.log"
 
@@ -355,26 +353,11 @@ def prepared(url, base):
     return url, base, files_outside_writable(base)
 
 
-def run(url: str, prompt: dict):
-    """POST the prompt; return (400 reply's JSON, None) or (None, the history entry when it has run)."""
-    prompt_id = str(uuid.uuid4())
-    body = json.dumps({"prompt": prompt, "prompt_id": prompt_id})  # NaN and Infinity as API clients send them
-    reply = requests.post(f"{url}/prompt", data=body, headers={"Content-Type": "application/json"}, timeout=30)
-    if reply.status_code == 400:
-        return reply.json(), None
-    assert reply.ok, reply.text
-    deadline = time.monotonic() + PROMPT_TIMEOUT_S
-    while not (history := requests.get(f"{url}/history/{prompt_id}", timeout=10).json()):
-        assert time.monotonic() < deadline, f"prompt not done in {PROMPT_TIMEOUT_S}s"
-        time.sleep(0.1)
-    return None, history[prompt_id]
-
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_is_refused_by_name(battery, case):
     url, base, before = battery
     case_nodes, expected = CASES[case]
-    rejection, entry = run(url, {**BASE, **case_nodes})
+    rejection, entry = submitted(url, {**BASE, **case_nodes})
     if expected[0] == "rejected":
         _, node_id, input_name = expected
         assert rejection is not None, f"ran instead of being rejected: {entry and entry['status']}"

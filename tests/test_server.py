@@ -1,16 +1,12 @@
 """Server layer: ``main.py --cpu`` with the pack in custom_nodes, driven over HTTP. Every wait is bounded."""
 import json
-import time
-import uuid
 
 import pytest
 import requests
-from graphs import save_loaded_directions
+from graphs import save_loaded_directions, submitted
 from safetensors import safe_open
 
 from harness.host import PACK_DIR_NAME, PACK_NODES, REPO
-
-PROMPT_TIMEOUT_S = 120
 
 pytestmark = pytest.mark.server
 
@@ -36,15 +32,8 @@ def test_object_info_lists_every_node_with_its_inputs(server):
 
 def test_prompt_saves_and_loads_a_direction_file(server):
     url, base, _ = server
-    prompt_id = str(uuid.uuid4())
-    reply = requests.post(f"{url}/prompt", timeout=30, json={
-        "prompt": save_loaded_directions("seed.safetensors", "from_server"), "prompt_id": prompt_id})
-    assert reply.ok, reply.text
-    deadline = time.monotonic() + PROMPT_TIMEOUT_S
-    while not (history := requests.get(f"{url}/history/{prompt_id}", timeout=10).json()):
-        assert time.monotonic() < deadline, f"prompt not done in {PROMPT_TIMEOUT_S}s"
-        time.sleep(0.25)
-    entry = history[prompt_id]
+    rejection, entry = submitted(url, save_loaded_directions("seed.safetensors", "from_server"))
+    assert rejection is None, rejection
     assert entry["status"]["status_str"] == "success", json.dumps(entry["status"])[:2000]
     assert entry["outputs"]["2"]["text"] == ["from_server.safetensors"]
     folder = base / "models" / "directions"
