@@ -24,6 +24,14 @@ def random_layer(width, heads, seed=0, dtype=torch.float64):
     return AttentionWeights(make(width, width), make(width, width), make(width, width), make(width, width), heads)
 
 
+def planted(rows: int, columns: int, singular_values: torch.Tensor, seed: int = 0):
+    """(A = U diag(s) V^T [rows, columns] in float64 with random orthonormal U, V, and V^T's rows)."""
+    generator = torch.Generator().manual_seed(seed)
+    left = torch.linalg.qr(torch.randn(rows, columns, generator=generator, dtype=torch.float64)).Q
+    right = torch.linalg.qr(torch.randn(columns, columns, generator=generator, dtype=torch.float64)).Q
+    return left @ torch.diag(singular_values.double()) @ right.T, right.T
+
+
 def orthonormal(count: int, width: int, seed: int) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(width, count, generator=generator, dtype=torch.float64))

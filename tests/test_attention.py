@@ -1,7 +1,7 @@
 """The attention eigendirection math: formula against the host's real attention, optimality, numerics."""
 import pytest
 import torch
-from directions_testing import assert_float32_close, random_layer
+from directions_testing import assert_float32_close, planted, random_layer
 
 from semantic_directions.directions.attention import (
     EXACT_SVD_MAX_WIDTH,
@@ -144,11 +144,8 @@ def test_many_directions_of_a_wide_layer_are_exact():
 
 def planted_operator(singular_values, width=640, seed=0):
     """A = U diag(s) V^T in float64 with random orthonormal U, V: (apply, apply_t, V's top rows)."""
-    generator = torch.Generator().manual_seed(seed)
-    u, _ = torch.linalg.qr(torch.randn(width, width, generator=generator, dtype=torch.float64))
-    v, _ = torch.linalg.qr(torch.randn(width, width, generator=generator, dtype=torch.float64))
-    a = u @ torch.diag(singular_values) @ v.T
-    return (lambda x: a @ x), (lambda y: a.T @ y), v.T
+    a, top = planted(width, width, singular_values, seed)
+    return (lambda x: a @ x), (lambda y: a.T @ y), top
 
 
 @pytest.mark.parametrize("tie", [1.0006, 1.0 + 1e-9])

@@ -2,18 +2,16 @@
 transpose, against a float64 SVD of the formed matrix."""
 import pytest
 import torch
+from directions_testing import planted
 
 from semantic_directions.directions.jacobian import EXACT_WIDTH, jacobian_directions
 
 
-def planted(outputs: int, width: int, values, seed: int = 0) -> torch.Tensor:
+def planted_jacobian(outputs: int, width: int, values, seed: int = 0) -> torch.Tensor:
     """J [outputs, width] with the given leading singular values and a tail below them."""
-    generator = torch.Generator().manual_seed(seed)
-    left = torch.linalg.qr(torch.randn(outputs, width, generator=generator, dtype=torch.float64)).Q
-    right = torch.linalg.qr(torch.randn(width, width, generator=generator, dtype=torch.float64)).Q
     spectrum = torch.cat([torch.tensor(values, dtype=torch.float64),
                           torch.linspace(0.5, 0.01, width - len(values), dtype=torch.float64)])
-    return left @ torch.diag(spectrum) @ right.T
+    return planted(outputs, width, spectrum, seed)[0]
 
 
 def counted(jacobian: torch.Tensor):
@@ -33,7 +31,7 @@ def counted(jacobian: torch.Tensor):
 
 @pytest.mark.parametrize("weighted", [False, True])
 def test_products_alone_find_the_top_singular_vectors(weighted):
-    jacobian = planted(600, 320, [8.0, 6.0, 5.0, 4.0, 3.0, 2.5, 2.0, 1.5])
+    jacobian = planted_jacobian(600, 320, [8.0, 6.0, 5.0, 4.0, 3.0, 2.5, 2.0, 1.5])
     weights = torch.rand(600, generator=torch.Generator().manual_seed(1)) if weighted else None
     apply, apply_t, made = counted(jacobian)
     vectors, gains = jacobian_directions(apply, apply_t, 320, 6, weights)
@@ -51,7 +49,7 @@ def test_products_alone_find_the_top_singular_vectors(weighted):
 def test_a_small_mask_leaves_fewer_directions_than_asked_without_forming_j():
     """A mask over 3 output entries: the weighted J has rank 3, so 6 directions are 3 and 3 null ones (gains
     under 0.45% of the top, the floor's bound), found by products alone, not by forming J (320 products)."""
-    jacobian = planted(600, 320, [8.0, 6.0, 5.0, 4.0, 3.0, 2.5, 2.0, 1.5])
+    jacobian = planted_jacobian(600, 320, [8.0, 6.0, 5.0, 4.0, 3.0, 2.5, 2.0, 1.5])
     weights = torch.zeros(600)
     weights[[7, 300, 555]] = 1.0
     apply, apply_t, made = counted(jacobian)
@@ -62,7 +60,7 @@ def test_a_small_mask_leaves_fewer_directions_than_asked_without_forming_j():
 
 
 def test_narrow_sites_are_formed_and_decomposed_exactly():
-    jacobian = planted(200, EXACT_WIDTH, [3.0, 2.0])
+    jacobian = planted_jacobian(200, EXACT_WIDTH, [3.0, 2.0])
     apply, apply_t, made = counted(jacobian)
     vectors, gains = jacobian_directions(apply, apply_t, EXACT_WIDTH, 2)
     values = torch.linalg.svdvals(jacobian)
