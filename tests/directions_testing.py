@@ -122,3 +122,15 @@ def assert_cancel_stops(run) -> None:
     comfy.model_management.interrupt_current_processing(True)
     with pytest.raises(comfy.model_management.InterruptProcessingException):
         run()
+
+
+def denoised_once(model, noise, latent, sigma: float, positive, negative, seed: int) -> torch.Tensor:
+    """The model's denoised prediction of ``latent`` noised with ``noise`` to ``sigma``: one model call through the
+    host's own guider and SamplerCustom path, as the nodes reach the model."""
+    import comfy.sample
+    import comfy.samplers
+
+    def predict(model_fn, x, sigmas, extra_args=None, callback=None, disable=None):
+        return model_fn(x, sigmas[0] * x.new_ones(x.shape[0]), **(extra_args or {}))
+    return comfy.sample.sample_custom(model, noise, 1.0, comfy.samplers.KSAMPLER(predict), torch.tensor([sigma, 0.0]),
+                                      positive, negative, latent, seed=seed)

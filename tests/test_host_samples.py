@@ -9,6 +9,7 @@ from directions_testing import (
     assert_float32_close,
     assert_reverse_products_transpose_forward_ones,
     conditioning,
+    denoised_once,
     orthonormal,
     progress_updates,
 )
@@ -244,14 +245,11 @@ def denoised_with_shifts(model, site, shifts, sigma, seed=3):
     else:
         handle = unet.get_submodule(site).register_forward_pre_hook(lambda m, args: (shifted(args[0]), *args[1:]))
 
-    def predict(model_fn, x, sigmas, extra_args=None, callback=None, disable=None):
-        return model_fn(x, sigmas[0] * x.new_ones(x.shape[0]), **(extra_args or {}))
     latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9)).expand(len(shifts), -1, -1, -1)
     noise = comfy.sample.prepare_noise(latent[:1], seed).expand(len(shifts), -1, -1, -1)
     try:
-        return comfy.sample.sample_custom(model, noise.contiguous(), 1.0, comfy.samplers.KSAMPLER(predict),
-                                          torch.tensor([sigma, 0.0]), conditioning(1), conditioning(2),
-                                          latent.contiguous(), seed=seed)
+        return denoised_once(model, noise.contiguous(), latent.contiguous(), sigma, conditioning(1), conditioning(2),
+                             seed)
     finally:
         handle.remove()
 
