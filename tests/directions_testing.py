@@ -84,11 +84,15 @@ def assert_reverse_products_transpose_forward_ones(model, positive, negative, sa
     assert_float32_close(reverse, forward, ulps=2 ** 10)
 
 
+def saved_images(host, outputs: dict, node_id: str) -> list:
+    """The images a SaveImage (or PreviewImage) node of a run wrote, each float32 [H, W, 3] in 0-255."""
+    return [np.asarray(Image.open(host.base / ("output" if entry["type"] == "output" else "temp") / entry["subfolder"]
+                                  / entry["filename"]), dtype=np.float32) for entry in outputs[node_id]["images"]]
+
+
 def saved_image(host, outputs: dict, node_id: str) -> np.ndarray:
-    """The first image a SaveImage (or PreviewImage) node of a run wrote, as float32 [H, W, 3] in 0-255."""
-    entry = outputs[node_id]["images"][0]
-    folder = host.base / ("output" if entry["type"] == "output" else "temp")
-    return np.asarray(Image.open(folder / entry["subfolder"] / entry["filename"]), dtype=np.float32)
+    """The first image a SaveImage (or PreviewImage) node of a run wrote."""
+    return saved_images(host, outputs, node_id)[0]
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -1,9 +1,17 @@
 """Host layer: Apply Direction and the Asyrp sampler on the tiny UNet through the host's samplers."""
 import math
 
+import numpy as np
 import pytest
 import torch
-from directions_testing import FLOAT32_EPS, assert_float32_close, conditioning, orthonormal
+from directions_testing import (
+    FLOAT32_EPS,
+    assert_float32_close,
+    conditioning,
+    orthonormal,
+    saved_image,
+    saved_images,
+)
 
 from harness.host import NodeFailed
 from harness.inversion import schedule
@@ -319,9 +327,19 @@ def test_graph_discover_apply_sample_decode_save(host):
         "g": {"class_type": "LabelledImageGrid",
               "inputs": {"images": ["dec", 0], "labels": "-0.5, 0, 0.5", "columns": 0}},
         "save": {"class_type": "SaveImage", "inputs": {"images": ["g", 0], "filename_prefix": "sweep"}},
+        "edited": {"class_type": "SaveImage", "inputs": {"images": ["dec", 0], "filename_prefix": "sweep_edited"}},
+        "k0": {"class_type": "KSampler", "inputs": {
+            "model": ["m", 0], "seed": 0, "steps": 3, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal",
+            "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["lat", 0], "denoise": 1.0}},
+        "dec0": {"class_type": "VAEDecode", "inputs": {"samples": ["k0", 0], "vae": ["v", 0]}},
+        "plain": {"class_type": "SaveImage", "inputs": {"images": ["dec0", 0], "filename_prefix": "sweep_plain"}},
     }, cached=False)
-    saved = outputs["save"]["images"]
-    assert len(saved) == 1 and (host.base / "output" / saved[0]["subfolder"] / saved[0]["filename"]).is_file()
+    grid = saved_image(host, outputs, "save")
+    assert grid.shape[1] == 3 * 64  # the three images in one row, labels above
+    edited, plain = saved_images(host, outputs, "edited"), saved_images(host, outputs, "plain")
+    # the same batch noise: image 1 (alpha 0) is the unedited image 1; the other two moved
+    assert len(edited) == len(plain) == 3 and np.array_equal(edited[1], plain[1])
+    assert np.abs(edited[0] - plain[0]).max() > 2 and np.abs(edited[2] - plain[2]).max() > 2
 
 
 def test_graph_errors_reach_the_user_in_one_line(host):
