@@ -138,3 +138,14 @@ def denoised_once(model, noise, latent, sigma: float, positive, negative, seed: 
         return model_fn(x, sigmas[0] * x.new_ones(x.shape[0]), **(extra_args or {}))
     return comfy.sample.sample_custom(model, noise, 1.0, comfy.samplers.KSAMPLER(predict), torch.tensor([sigma, 0.0]),
                                       positive, negative, latent, seed=seed)
+
+
+def write_test_photo(host, name: str = "example.png", size: int = 64, frequency: float | None = None) -> None:
+    """A smooth test photo in the host's input folder: colour ramps and a sine stripe; each name gets its own
+    stripe frequency unless given (example.png 12)."""
+    if frequency is None:
+        frequency = 12 + sum(name.encode()) % 7 if name != "example.png" else 12
+    pixels = np.linspace(0, 1, size)
+    image = np.stack([np.broadcast_to(pixels[None, :], (size, size)), np.broadcast_to(pixels[:, None], (size, size)),
+                      0.5 + 0.4 * np.sin(np.broadcast_to(pixels[None, :], (size, size)) * frequency)], axis=-1)
+    Image.fromarray((image * 255).round().astype(np.uint8)).save(host.base / "input" / name)

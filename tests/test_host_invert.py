@@ -1,8 +1,16 @@
 """DDIM Invert and the DDIM Inversion Sampler: round trips, call counts, prediction types, graphs."""
 
+import numpy as np
 import pytest
 import torch
-from directions_testing import assert_cancel_stops, assert_float32_close, progress_updates, psnr, saved_image
+from directions_testing import (
+    assert_cancel_stops,
+    assert_float32_close,
+    progress_updates,
+    psnr,
+    saved_image,
+    write_test_photo,
+)
 
 from harness.inversion import fixed_point_sampler, invert_with, sample_back, schedule
 from semantic_directions.directions.inversion import anderson_solve, invert
@@ -57,12 +65,6 @@ def test_a_schedule_repeating_a_sigma_inverts():
     sigmas = torch.tensor([0.0, 0.5, 1.0, 1.0, 2.0, 4.0])
     inverted = invert(lambda y, sigma: y / (1 + sigma ** 2), x, sigmas, 2)
     assert torch.isfinite(inverted).all() and inverted.abs().max() > 0
-
-
-def gradient_image():
-    pixels = torch.linspace(0, 1, 64)
-    return torch.stack([pixels[None, :].expand(64, 64), pixels[:, None].expand(64, 64),
-                        0.5 + 0.4 * torch.sin(pixels[None, :] * 12).expand(64, 64)], dim=-1)[None]
 
 
 class Kit:
@@ -267,10 +269,7 @@ def test_progress_and_cancel(kit):
 
 def test_graph_invert_edit_and_reconstruct(host, kit):
     """image -> VAEEncode -> DDIM Invert -> Apply Direction -> KSamplerAdvanced -> VAEDecode -> SaveImage."""
-    import numpy as np
-    from PIL import Image
-    pixels = (gradient_image()[0].numpy() * 255).round().astype(np.uint8)
-    Image.fromarray(pixels).save(host.base / "input" / "photo.png")
+    write_test_photo(host, "photo.png", frequency=12)
 
     def graph(alpha):
         return {

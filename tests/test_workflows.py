@@ -4,9 +4,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from directions_testing import psnr
+from directions_testing import psnr, write_test_photo
 from directions_testing import saved_image as saved
-from PIL import Image
 
 from scripts.build_workflows import SDXL_CHECKPOINT, WORKFLOWS, build_all
 from scripts.workflow_format import to_api
@@ -58,7 +57,7 @@ def run_everything(host, workflow: dict) -> dict:
     prompt = tiny_prompt(workflow, registry)
     for node in prompt.values():
         if node["class_type"] == "LoadImage":
-            write_photo(host, node["inputs"]["image"])
+            write_test_photo(host, node["inputs"]["image"])
     outputs = host.run(prompt, cached=False)
     silent = [f"{node_id} ({prompt[node_id]['class_type']})" for node_id in output_nodes(prompt, registry)
               if not any(outputs.get(node_id, {}).values())]
@@ -101,15 +100,6 @@ def test_converter_reads_the_front_ends_own_saved_workflows(host):
             converted += 1
     print("front-end templates converted:", converted)
     assert converted >= 40
-
-
-def write_photo(host, name="example.png", size=64):
-    """A smooth test photo; each name gets its own (a different stripe frequency), example.png the first."""
-    frequency = 12 + sum(name.encode()) % 7 if name != "example.png" else 12
-    pixels = np.linspace(0, 1, size)
-    image = np.stack([np.broadcast_to(pixels[None, :], (size, size)), np.broadcast_to(pixels[:, None], (size, size)),
-                      0.5 + 0.4 * np.sin(np.broadcast_to(pixels[None, :], (size, size)) * frequency)], axis=-1)
-    Image.fromarray((image * 255).round().astype(np.uint8)).save(host.base / "input" / name)
 
 
 def vae_round_trip(host, image: str, loader=TINY_CHECKPOINT, vae_output=2):
