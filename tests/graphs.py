@@ -33,13 +33,21 @@ def save_loaded_directions(source: str, target: str, overwrite: bool = False) ->
     }
 
 
-def tiny_sampling(steps: int = 2, seed: int = 0, model: list | None = None) -> dict:
-    """Tiny SD1.5-shaped UNet -> KSampler on a 64 x 64 (8 x 8 latent) image -> SaveLatent."""
+def tiny_inputs(batch: int = 1) -> dict:
+    """The nodes most test graphs start from: the tiny SD1.5-shaped UNet ("m"), a positive and a negative prompt's
+    seeded tokens ("pos", "neg") and an empty 64 x 64 latent batch ("lat")."""
     return {
         "m": {"class_type": "TinyUNetLoader", "inputs": {"family": "sd15", "model_channels": 32, "seed": 0}},
         "pos": {"class_type": "TinyConditioning", "inputs": {"seed": 1, "context_dim": 32, "tokens": 77}},
         "neg": {"class_type": "TinyConditioning", "inputs": {"seed": 2, "context_dim": 32, "tokens": 77}},
-        "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": batch}},
+    }
+
+
+def tiny_sampling(steps: int = 2, seed: int = 0, model: list | None = None) -> dict:
+    """Tiny SD1.5-shaped UNet -> KSampler on a 64 x 64 (8 x 8 latent) image -> SaveLatent."""
+    return {
+        **tiny_inputs(),
         "k": {"class_type": "KSampler", "inputs": {
             "model": model or ["m", 0], "seed": seed, "steps": steps, "cfg": 4.0,
             "sampler_name": "euler", "scheduler": "normal", "positive": ["pos", 0],

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import requests
 import torch
-from graphs import submitted
+from graphs import submitted, tiny_inputs
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -22,10 +22,7 @@ WRITABLE = ("models/directions", "output", "temp", "user", "input")
 LOG = "server.log"
 
 BASE = {
-    "m": {"class_type": "TinyUNetLoader", "inputs": {"family": "sd15", "model_channels": 32, "seed": 0}},
-    "pos": {"class_type": "TinyConditioning", "inputs": {"seed": 1, "context_dim": 32, "tokens": 77}},
-    "neg": {"class_type": "TinyConditioning", "inputs": {"seed": 2, "context_dim": 32, "tokens": 77}},
-    "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+    **tiny_inputs(),
     "d": {"class_type": "DiscoverAttentionEigendirections", "inputs": {
         "model": ["m", 0], "layers": "all", "count": 2, "method": "whitened", "token_variance": 1.0}},
 }

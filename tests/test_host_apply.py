@@ -12,6 +12,7 @@ from directions_testing import (
     saved_image,
     saved_images,
 )
+from graphs import tiny_inputs
 
 from harness.host import NodeFailed
 from harness.inversion import schedule
@@ -310,16 +311,13 @@ def test_asyrp_boost_adds_seeded_noise_late(kit):
 
 def test_graph_discover_apply_sample_decode_save(host):
     outputs = host.run({
-        "m": {"class_type": "TinyUNetLoader", "inputs": {"family": "sd15", "model_channels": 32, "seed": 0}},
+        **tiny_inputs(batch=3),
         "v": {"class_type": "TinyVAELoader", "inputs": {"seed": 0}},
-        "pos": {"class_type": "TinyConditioning", "inputs": {"seed": 1, "context_dim": 32, "tokens": 77}},
-        "neg": {"class_type": "TinyConditioning", "inputs": {"seed": 2, "context_dim": 32, "tokens": 77}},
         "d": {"class_type": "DiscoverAttentionEigendirections", "inputs": {
             "model": ["m", 0], "layers": "input", "count": 3, "method": "whitened", "token_variance": 1.0}},
         "a": {"class_type": "ApplyDirection", "inputs": {
             "model": ["m", 0], "directions": ["d", 0], "index": 0, "layer": "all", "alpha": 0.5,
             "start_percent": 0.0, "end_percent": 0.6, "apply_to": "both", "alpha_list": "-0.5, 0, 0.5"}},
-        "lat": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 3}},
         "k": {"class_type": "KSampler", "inputs": {
             "model": ["a", 0], "seed": 0, "steps": 3, "cfg": 3.0, "sampler_name": "euler", "scheduler": "normal",
             "positive": ["pos", 0], "negative": ["neg", 0], "latent_image": ["lat", 0], "denoise": 1.0}},
