@@ -86,8 +86,9 @@ def key_tilts(weights: AttentionWeights, token_variance: float = 1.0) -> torch.T
         if bias is not None:
             power = power + rearrange(bias.to(weight.dtype), "(h e) -> h e", h=heads).pow(2).sum(1)
         return (power / e).sqrt()
-    c = token_variance * (1 - 1 / e) / (math.sqrt(e) * expected_rms(per_head[2], weights.q_bias)
-                                         * expected_rms(per_head[1], weights.k_bias))
+    scale = math.sqrt(e) * expected_rms(per_head[2], weights.q_bias) * expected_rms(per_head[1], weights.k_bias)
+    # a head whose queries or keys are all zero attends uniformly whatever the token: no tilt (not 0 / 0)
+    c = torch.where(scale > 0, token_variance * (1 - 1 / e) / scale.clamp_min(torch.finfo(scale.dtype).tiny), 0.0)
     return c[:, None, None] * value_key * (weights.k_norm * weights.q_norm).to(value_key.dtype)
 
 

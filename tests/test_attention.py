@@ -1,4 +1,6 @@
 """The attention eigendirection math: formula against the host's real attention, optimality, numerics."""
+import dataclasses
+
 import pytest
 import torch
 from directions_testing import assert_float32_close, planted, random_layer
@@ -10,6 +12,7 @@ from semantic_directions.directions.attention import (
     AttentionWeights,
     attention_directions,
     fix_signs,
+    key_tilts,
     shift_jacobian,
     shift_operator,
     top_right_singular,
@@ -82,6 +85,24 @@ def test_whitened_operator_is_the_formula_with_identity_covariance():
                     + c * weights.k[h * 8:(h + 1) * 8].T @ weights.q[h * 8:(h + 1) * 8]) for h in range(3))
     assert torch.allclose(explicit, manual, atol=1e-12)  # float64 sums of entries below 1: errors near 1e-16
     assert torch.allclose(apply_t(torch.eye(24, dtype=torch.float64)), explicit.T, atol=1e-12)
+
+
+@pytest.mark.parametrize("silent", ["q", "k"])
+def test_a_qk_normed_head_without_queries_or_keys_has_no_tilt(silent):
+    """A head whose query (or key) weights are all zero, without bias, attends uniformly whatever the token:
+    under QK-norm its expected RMS is 0, and its tilt is 0 (it was 0 / 0, NaN directions); the other heads'
+    tilts are unchanged."""
+    layer = random_layer(32, 2, seed=3)
+    gains = torch.linspace(0.5, 1.5, 16, dtype=torch.float64)
+    normed = dataclasses.replace(layer, q_norm=gains, k_norm=gains.flip(0))
+    weight = getattr(normed, silent).clone()
+    weight[:16] = 0
+    pruned = dataclasses.replace(normed, **{silent: weight})
+    tilts = key_tilts(pruned)
+    assert torch.equal(tilts[0], torch.zeros_like(tilts[0]))
+    assert torch.equal(tilts[1], key_tilts(normed)[1])
+    vectors, gains = attention_directions(pruned, 4, "whitened")
+    assert torch.isfinite(vectors).all() and torch.isfinite(gains).all()
 
 
 @pytest.mark.parametrize("method", METHODS)
