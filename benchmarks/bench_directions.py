@@ -41,7 +41,7 @@ def jacobian_against_formed(model, registry, prompt, size: int) -> dict:
         apply(torch.eye(width)[:, :FORWARD_CHUNK])
         timed_rows["s"] = time.perf_counter() - start
     sigmas = torch.tensor([float(model.get_model_object("model_sampling").percent_to_sigma(0.3)), 0.0])
-    run = with_jacobian(model, prompt, prompt, image["samples"], 0, sigmas, 1.0, "h_space", forward_rows,
+    run = with_jacobian(model, prompt, prompt, image["samples"], 0, sigmas, 1.0, "h_space", width, forward_rows,
                         RowProgress(FORWARD_CHUNK))
     return {"jacobian_latent": list(image["samples"].shape), "jacobian_s": round(seconds, 2),
             "jacobian_model_evaluations": counter.rows, "jacobian_formed_model_evaluations": width,

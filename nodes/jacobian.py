@@ -252,7 +252,8 @@ class DirectionsFromImage:
             return jacobian_directions(apply, apply_t, width, count, weights)
         found = {}
         for name in sites:
-            run = with_jacobian(model, positive, negative, samples, seed, sigmas, cfg, name, solve, progress)
+            run = with_jacobian(model, positive, negative, samples, seed, sigmas, cfg, name, widths[name], solve,
+                                progress)
             found[name] = SiteDirections(*run.found)
             logging.info("Directions From Image at %s: %d forward-mode and %d reverse-mode model rows", name,
                          run.model_rows["forward"], run.model_rows["reverse"])
@@ -269,9 +270,10 @@ def site_widths(model, sites) -> dict:
     return widths
 
 
-def with_jacobian(model, positive, negative, samples, seed: int, sigmas, cfg: float, site: str, solve,
+def with_jacobian(model, positive, negative, samples, seed: int, sigmas, cfg: float, site: str, width: int, solve,
                   progress) -> JacobianRun:
-    """Runs ``solve(apply, apply_t, width)`` on the Jacobian at ``site`` of the model's prediction for the image
+    """Runs ``solve(apply, apply_t, width)`` on the Jacobian at ``site`` (``width`` wide) of the model's prediction
+    for the image
     ``samples`` [1, ...] noised with ``seed`` to sigmas[0], inside the host's guider; the finished run."""
     patch = DerivativeShift(site)
     patched = model.clone()
@@ -283,7 +285,7 @@ def with_jacobian(model, positive, negative, samples, seed: int, sigmas, cfg: fl
         host.dit.add_shifts(patched, [(block, patch.transformer_input(block))])
     else:
         patched.set_model_output_block_patch(patch.middle_output)
-    run = JacobianRun(patch, site_widths(model, [site])[site], solve, progress)
+    run = JacobianRun(patch, width, solve, progress)
     guider = comfy.samplers.CFGGuider(patched)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)

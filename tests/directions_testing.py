@@ -68,7 +68,7 @@ def assert_reverse_products_transpose_forward_ones(model, positive, negative, sa
     (J^T U)^T V from reverse mode, for random V and U, on the host's own model inside its guider (the
     reverse pass through weights the host may have loaded in inference mode)."""
     from semantic_directions.nodes.host import model_sampling
-    from semantic_directions.nodes.jacobian import RowProgress, with_jacobian
+    from semantic_directions.nodes.jacobian import RowProgress, site_widths, with_jacobian
     generator = torch.Generator().manual_seed(5)
 
     def solve(apply, apply_t, width):
@@ -77,7 +77,8 @@ def assert_reverse_products_transpose_forward_ones(model, positive, negative, sa
         outputs = torch.randn(forward.shape[0], 5, generator=generator)
         return outputs.T @ forward, apply_t(outputs).T @ vectors
     sigmas = torch.tensor([float(model_sampling(model).percent_to_sigma(0.3)), 0.0])
-    forward, reverse = with_jacobian(model, positive, negative, samples, 3, sigmas, cfg, site, solve,
+    width = site_widths(model, [site])[site]
+    forward, reverse = with_jacobian(model, positive, negative, samples, 3, sigmas, cfg, site, width, solve,
                                      RowProgress(8)).found
     assert forward.abs().max() > 0
     # sums of a few thousand float32 products either way: agreement to float32 rounding of their size
