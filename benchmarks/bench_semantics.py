@@ -9,8 +9,7 @@ Samples node), sampled with the pack's Asyrp Sampler (h-space edits need it); ex
 factor at every site (the pack's Direction From Example Pair on inverted held-out faces with the factor high
 against low: ``pair`` from different faces, ``pair-matched`` from each face drawn with the factor low and high,
 as photos of the same person with and without an attribute; full runs only; ``pair-conditional``, each
-factor's ``pair`` direction with the other factors' projected out by the pack's Project Out Directions, full
-runs only), with
+factor's ``pair`` direction with the other factors' projected out by the pack's Project Out Directions), with
 each factor's best site reported against random and the ceiling (``pair_named``, ``pair_matched_named``,
 ``pair_conditional_named``);
 Jacobian directions at every site (the pack's Directions From Image on one held-out face), each site's best
@@ -632,8 +631,8 @@ def main():
     pair_inputs = (plan["pair_faces"], plan["pair_factors"])
     sets["pair"] = cached(cache, "pair", lambda: pair_set(world, dset_module, model_entry, *pair_inputs, log),
                           *pair_inputs)
+    sets["pair-conditional"] = conditional_set(world, dset_module, sets["pair"])  # a projection: no model calls
     if not args.quick:  # quick keeps its time for development
-        sets["pair-conditional"] = conditional_set(world, dset_module, sets["pair"])
         sets["pair-matched"] = cached(cache, "pair-matched", lambda: pair_set(
             world, dset_module, model_entry, *pair_inputs, log, matched=True), *pair_inputs)
     jacobian_sites = ", ".join((*plan["sites"], "h_space")) if plan["sites"] else "all"

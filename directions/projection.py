@@ -56,10 +56,12 @@ def project_out_set(dset: DirectionSet, remove: DirectionSet) -> tuple[Direction
             raise DirectionError(f"remove: {site} is {remove.sites[site].width} wide, the directions there "
                                  f"{directions.width}")
         vectors, kept[site] = project_out(directions.vectors, remove.sites[site].vectors)
-        lost = int(kept[site].argmin())
-        if kept[site][lost] < KEPT_MINIMUM:
-            raise DirectionError(f"directions: #{lost} at {site} lies within remove's directions there (keeps "
-                                 f"{float(kept[site][lost]):.1e} of its length): nothing of it would remain")
+        lost = (kept[site] < KEPT_MINIMUM).nonzero().flatten().tolist()
+        if lost:  # each named, in order (which of several null ones keeps least is rounding's choice)
+            shares = ", ".join(f"{float(kept[site][i]):.1e}" for i in lost)
+            raise DirectionError(f"directions: {', '.join(f'#{i}' for i in lost)} at {site} "
+                                 f"{'lies' if len(lost) == 1 else 'lie'} within remove's directions there (keeping "
+                                 f"{shares} of {'its' if len(lost) == 1 else 'their'} length): nothing would remain")
         sites[site] = SiteDirections(vectors, directions.gains * kept[site] if pair else None)
     params = {**dset.params, "projected_out": [*dset.params.get("projected_out", []), label(remove)]}
     return DirectionSet(sites=sites, method=dset.method, model=dset.model, params=params), kept

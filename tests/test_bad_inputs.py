@@ -192,7 +192,7 @@ CASES = {
     # Project Out Directions
     "project out another model's set": ({**SDXL_SET, **projected(remove=["dx", 0])},
                                         failed(r"remove: made for SDXL \(\w+\) but directions are for SD15")),
-    "project a set out of itself": (projected(), failed(r"directions: #0 at \S+ lies within remove's directions")),
+    "project a set out of itself": (projected(), failed(r"directions: #0, #1 at \S+ lie within remove's directions")),
     # Asyrp Sampler
     "asyrp eta nan": (asyrp(boost_eta=math.nan), failed(r"boost_eta: nan is not a finite number")),
     "asyrp eta above 1": (asyrp(boost_eta=2.0), rejected("s", "boost_eta")),

@@ -83,8 +83,12 @@ def test_refusals_name_the_input():
     with pytest.raises(DirectionError, match=r"^remove: has none of the directions' sites"):
         project_out_set(dset, elsewhere)
     same = DirectionSet(sites={SITE_A: SiteDirections(dset.sites[SITE_A].vectors[1:3])}, method="x", model=dset.model)
-    with pytest.raises(DirectionError, match=rf"^directions: #1 at {SITE_A} lies within remove's directions"):
+    with pytest.raises(DirectionError, match=rf"^directions: #1, #2 at {SITE_A} lie within remove's directions"):
         project_out_set(dset, same)
+    one = DirectionSet(sites={SITE_A: SiteDirections(dset.sites[SITE_A].vectors[1:2])}, method="x", model=dset.model)
+    with pytest.raises(DirectionError, match=rf"^directions: #1 at {SITE_A} lies within remove's directions there "
+                                             r"\(keeping .* of its length\): nothing would remain$"):
+        project_out_set(dset, one)
     narrow = DirectionSet(sites={SITE_A: SiteDirections(orthonormal(1, 32, 9))}, method="x", model=dset.model)
     with pytest.raises(DirectionError, match=rf"^remove: {SITE_A} is 32 wide, the directions there 64"):
         project_out_set(dset, narrow)
