@@ -85,6 +85,19 @@ def assert_reverse_products_transpose_forward_ones(model, positive, negative, sa
     assert_float32_close(reverse, forward, ulps=2 ** 10)
 
 
+def assert_pair_is_mean_difference(found: SiteDirections, source, target) -> None:
+    """A pair node's direction at a site against the site's tokens recorded independently: ``source`` and
+    ``target`` are (per call and image: the tokens' mean over positions [calls, images, width], their RMS token
+    norm [calls, images]). The direction is the normalised difference of the two means, its gain that
+    difference's size in the mean RMS norm of the two recordings (docs/math.md, 'Pair directions')."""
+    (source, source_norms), (target, target_norms) = source, target
+    difference = target.mean((0, 1)) - source.mean((0, 1))
+    scale = (source_norms.mean() + target_norms.mean()) / 2
+    # float32 activations averaged in float64 on both sides: agreement to float32 rounding
+    assert torch.allclose(found.vectors[0].double(), torch.nn.functional.normalize(difference, dim=0), atol=1e-5)
+    assert float(found.gains[0]) == pytest.approx(float(difference.norm() / scale), rel=1e-5)
+
+
 def saved_images(host, outputs: dict, node_id: str) -> list:
     """The images a SaveImage (or PreviewImage) node of a run wrote, each float32 [H, W, 3] in 0-255."""
     return [np.asarray(Image.open(host.base / ("output" if entry["type"] == "output" else "temp") / entry["subfolder"]

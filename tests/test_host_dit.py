@@ -5,7 +5,12 @@ import re
 
 import pytest
 import torch
-from directions_testing import assert_float32_close, assert_reverse_products_transpose_forward_ones, denoised_once
+from directions_testing import (
+    assert_float32_close,
+    assert_pair_is_mean_difference,
+    assert_reverse_products_transpose_forward_ones,
+    denoised_once,
+)
 
 from harness.inversion import schedule
 from semantic_directions.directions.attention import (
@@ -592,14 +597,8 @@ def test_pair_direction_at_a_transformer_site_is_the_mean_difference(flux_kit, h
     latent = {"samples": torch.zeros(4, *flux_kit.latent_shape)}
     dset = node.direction(flux_kit.model, text(1), text(7), text(2), latent, **SAMPLING, site=site, start_percent=0.0,
                           end_percent=1.0, source_name="a", target_name="b")[0]
-    (source, source_norms), (target, target_norms) = (
-        recorded_image_tokens(flux_kit, text(c), site, linear, joint) for c in (1, 7))
-    difference = target.mean((0, 1)) - source.mean((0, 1))
-    found = dset.sites[site]
-    # float32 activations averaged in float64 on both sides: agreement to float32 rounding
-    assert torch.allclose(found.vectors[0].double(), torch.nn.functional.normalize(difference, dim=0), atol=1e-5)
-    scale = (source_norms.mean() + target_norms.mean()) / 2
-    assert float(found.gains[0]) == pytest.approx(float(difference.norm() / scale), rel=1e-5)
+    assert_pair_is_mean_difference(dset.sites[site], *(
+        recorded_image_tokens(flux_kit, text(c), site, linear, joint) for c in (1, 7)))
     edited = flux_kit.sample(flux_kit.apply_node.apply(flux_kit.model, dset, 0, "all", 1.0, 0.0, 1.0, "both")[0])
     assert not torch.equal(edited, flux_kit.sample(flux_kit.model))
 

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from directions_testing import (
     assert_cancel_stops,
     assert_float32_close,
+    assert_pair_is_mean_difference,
     assert_reverse_products_transpose_forward_ones,
     conditioning,
     denoised_once,
@@ -107,14 +108,8 @@ def test_the_prompt_pair_direction_is_the_mean_difference_recorded_independently
     dset, source_samples, target_samples = pair_node.direction(
         model, conditioning(1), conditioning(7), conditioning(2), latent(4), **SAMPLING, site=site,
         start_percent=0.0, end_percent=1.0, source_name="neutral", target_name="smiling")
-    (source, source_norms), (target, target_norms) = (recorded_independently(model, conditioning(c), site)
-                                                      for c in (1, 7))
-    difference = target.mean((0, 1)) - source.mean((0, 1))
-    scale = (source_norms.mean() + target_norms.mean()) / 2
-    found = dset.sites[site]
-    # float32 activations averaged in float64 on both sides: agreement to float32 rounding
-    assert torch.allclose(found.vectors[0].double(), F.normalize(difference, dim=0), atol=1e-5)
-    assert float(found.gains[0]) == pytest.approx(float(difference.norm() / scale), rel=1e-5)
+    assert_pair_is_mean_difference(dset.sites[site], *(recorded_independently(model, conditioning(c), site)
+                                                       for c in (1, 7)))
     assert not torch.equal(source_samples["samples"], target_samples["samples"])
     assert dset.params["alpha_unit"] == "pair" and "'neutral' -> 'smiling'" in describe(dset)
 
