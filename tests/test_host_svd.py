@@ -121,9 +121,20 @@ def test_explore_node(nodes):
 
 
 def test_analysis_node(nodes):
+    """Four channels: a 2 x 2 grid of spectrum panels (256 px each) with one line per latent, blue the first and
+    red the last, beside the distance panel (512 px, 40 between) with one line per channel in its colour."""
     analysis = nodes[2]
     image = analysis.analyse(latent(1, (3, 4, 16, 16)), 4)[0]
-    assert image.ndim == 4 and image.shape[-1] == 3 and image.std() > 0
+    assert image.shape == (1, 532, 2 * 256 + 40 + 2 * 256, 3)
+    pixels = (image[0] * 255).round().to(torch.uint8)
+
+    def drawn(region, colour):
+        return bool((region == torch.tensor(colour, dtype=torch.uint8)).all(-1).any())
+    spectra, distances = pixels[:, :512], pixels[:, 552:]
+    for panel in (spectra[:256, :256], spectra[:256, 256:], spectra[256:512, :256], spectra[256:512, 256:]):
+        assert drawn(panel, (40, 60, 240)) and drawn(panel, (140, 60, 140)) and drawn(panel, (240, 60, 40))
+    for colour in ((52, 110, 235), (40, 170, 80), (235, 120, 40), (170, 60, 200)):
+        assert drawn(distances, colour) and not drawn(spectra, colour)
     with pytest.raises(ValueError, match="latents: expected at least 2 latents"):
         analysis.analyse(latent(1), 4)
     with pytest.raises(ValueError, match="k: 17 is outside 0 to 16"):
