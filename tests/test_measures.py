@@ -199,3 +199,33 @@ def test_a_cached_direction_set_reads_back_equal_without_making_it_again(host, t
     cache.direction_set("ceiling h_space", make, [2, 5])
     cache.direction_set("ceiling middle", make, [2, 5, 6])
     assert len(made) == 3 and len(list((tmp_path / "sets").glob("*.safetensors"))) == 3
+
+
+def test_the_readme_tables_quote_the_report():
+    """benchmarks/semantics_tables.py: each figure lands in its column, random rows carry no ratios, a pair's missing
+    ceiling reads '-'."""
+    from benchmarks.semantics_tables import methods_table, named_table, own_face_table, sites_table
+    site = "output_blocks.1.1.transformer_blocks.0.attn1"
+
+    def method(factor, effect, ratio):
+        return {"best": {"site": site, "index": 2, "factor": factor, "effect": effect, "purity": 0.456},
+                "purity_vs_ceiling": 0.812, "best_ratio_vs_random": ratio, "best_ratio_ci95": [0.75, 12.0],
+                "median_ratio_vs_random": 2.95, "median_ratio_ci95": [1.8, 3.6], "inverted_transfer": 0.843}
+    named = {"site": "h_space", "named_slope": 0.4512, "ratio_vs_random": 1.3, "ratio_ci95": [0.6, 1.7],
+             "purity_vs_ceiling": None, "ceiling_ratio_vs_random": None}
+    report = {"methods": {"whitened": method("background", 0.4154, 3.14), "random-attention": method("smile", 0.1, 1)},
+              "sites": {site: {"methods": {"whitened": {"ratio_vs_random": 3.14}},
+                               "ceiling": {"smile": {"effect": 0.2}, "background": {"effect": 0.4812}}}},
+              "pair_named": {"smile": named}, "pair_matched_named": None, "pair_conditional_named": {"smile": named},
+              "own_face_edits": {"h_space": {"faces": 8, "ratio_median": 1.39, "ratio_range": [0.9, 2.0],
+                                             "jacobian_effect_median": 1.7698, "reference": "hspace-pca",
+                                             "reference_effect_median": 1.2696}}}
+    assert methods_table(report)[2:] == [
+        "| whitened | output_blocks.1 #2: background | 0.415 | 0.46 (0.81) | 3.1x (0.75 to 12.0) | 3.0x (1.8 to 3.6) "
+        "| 0.84 |",
+        "| random (attention) | output_blocks.1 #2: smile | 0.100 | 0.46 |  |  | 0.84 |"]
+    assert sites_table(report)[2:] == ["| output_blocks.1 | 3.1x | 0.48 (background) |"]
+    assert named_table(report)[0].count("|") == 5  # factor, two kinds of pair (matched absent), ceilings
+    pair = "h-space, 0.451, 1.3x (0.6 to 1.7)"
+    assert named_table(report)[2:] == [f"| smile | {pair} | {pair} | - / - |"]
+    assert own_face_table(report)[2:] == ["| h-space | 8 | 1.4x (0.9 to 2.0) | 1.770 | h-space PCA | 1.270 |"]
