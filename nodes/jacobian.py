@@ -289,7 +289,8 @@ def with_jacobian(model, positive, negative, samples, seed: int, sigmas, cfg: fl
     guider = comfy.samplers.CFGGuider(patched)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
-    with torch.inference_mode(False), torch.no_grad():  # the reverse products enable grad for themselves
+    # the reverse products enable grad for themselves
+    with torch.inference_mode(False), torch.no_grad(), host.training_kernels():
         guider.sample(comfy.sample.prepare_noise(samples, seed), samples, run, sigmas, seed=seed, disable_pbar=True)
     return run
 

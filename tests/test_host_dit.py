@@ -1,5 +1,6 @@
 """Transformer (DiT) families on the real host: Flux's attention math against the host's own blocks, Discover
 and Apply Direction on a tiny Flux built from the host's classes."""
+import contextlib
 import copy
 import re
 
@@ -512,6 +513,23 @@ def test_lora_and_half_precision_flux(flux_kit):
     assert torch.isfinite(edited).all() and not torch.equal(edited, flux_kit.sample(half, steps=2))
 
 
+def test_a_kept_vector_image_follows_the_linears_on_the_fly_patches():
+    """A shift keeps a vector's image under a linear while the weight the linear computes with is the same: a new
+    on-the-fly patch function (the host's lowvram LoRAs, and newer hosts' dynamic loading, which keeps a LoRA as
+    weight_lowvram_function) makes it map the vector again."""
+    from semantic_directions.nodes.host.dit import ModelCall, OutputShift
+    linear, vector, x = torch.nn.Linear(4, 4), torch.ones(4), torch.ones(1, 3, 4)
+    shift = OutputShift(ModelCall({"sample_sigmas": torch.ones(2)}, (1, 3), 0), None, 4, {})
+    states = [shift.weight_state(linear, vector, x)]
+    linear.weight_function = [lambda weight: 2 * weight]
+    states.append(shift.weight_state(linear, vector, x))
+    linear.weight_lowvram_function = lambda weight: 2 * weight
+    states.append(shift.weight_state(linear, vector, x))
+    linear.bias_lowvram_function = lambda bias: 2 * bias
+    states.append(shift.weight_state(linear, vector, x))
+    assert len(set(states)) == 4 and shift.weight_state(linear, vector, x) == states[-1]
+
+
 def test_bad_weights_and_foreign_sets_are_refused_by_name(flux_kit, host):
     """NaN in a site's weights (here through a LoRA) is a one-line error naming the site; a UNet's set on Flux
     names both families."""
@@ -656,6 +674,45 @@ def test_the_jacobian_passes_pytorch_attention_called_without_transformer_option
     monkeypatch.setattr(mmdit, "optimized_attention", attention.attention_pytorch)
     samples = torch.randn(1, *kit.latent_shape, generator=torch.Generator().manual_seed(9))
     assert_reverse_products_transpose_forward_ones(kit.model, text(1), text(2), samples, kit.sites[0][0], cfg=2.0)
+
+
+@torch.library.custom_op("semantic_directions_test::rotate", mutates_args=())
+def fused_rotation(x: torch.Tensor, freqs_cis: torch.Tensor) -> torch.Tensor:
+    """A fused rotary kernel as newer hosts register theirs (comfy_kitchen's apply_rope1): a custom op with no
+    derivative rule, forward or reverse."""
+    from comfy.ldm.flux import math as flux_math
+    return flux_math.apply_rope1(x, freqs_cis)
+
+
+def test_the_jacobian_passes_a_hosts_fused_rotary_kernel(host, monkeypatch):
+    """ComfyUI 0.38 rotates Flux's queries and keys with such a kernel unless its training flag
+    (comfy.model_management.in_training) is set. Through it, reverse mode fails and forward mode silently drops
+    the tangent (the rotated q and k would look constant): Directions From Image sets the flag while it
+    differentiates, so its products are exact (forward equal to reverse transposed), and puts it back after."""
+    import comfy.model_management
+    from comfy.ldm.flux import math as flux_math
+
+    from semantic_directions.nodes.host import model_sampling
+    from semantic_directions.nodes.jacobian import RowProgress, site_widths, with_jacobian
+    plain = flux_math.apply_rope
+    monkeypatch.setattr(comfy.model_management, "in_training", False, raising=False)
+    monkeypatch.setattr(flux_math, "apply_rope", lambda q, k, pe: plain(q, k, pe) if comfy.model_management.in_training
+                        else (fused_rotation(q, pe), fused_rotation(k, pe)))
+    kit = FluxKit(host, "flux")
+    site = kit.sites[0][0]
+    samples = torch.randn(1, *kit.latent_shape, generator=torch.Generator().manual_seed(9))
+    assert_reverse_products_transpose_forward_ones(kit.model, text(1), text(2), samples, site, cfg=2.0)
+    assert comfy.model_management.in_training is False
+    width = site_widths(kit.model, [site])[site]
+    sigmas = torch.tensor([float(model_sampling(kit.model).percent_to_sigma(0.3)), 0.0])
+
+    def forward_products():
+        return with_jacobian(kit.model, text(1), text(2), samples, 3, sigmas, 2.0, site, width,
+                             lambda apply, apply_t, width: apply(torch.eye(width)[:, :4]), RowProgress(4)).found
+    exact = forward_products()
+    monkeypatch.setattr("semantic_directions.nodes.host.training_kernels", contextlib.nullcontext)
+    dropped = forward_products()
+    assert float((dropped - exact).norm() / exact.norm()) > 1e-3  # what the flag prevents
 
 
 def test_asyrp_sampler_takes_flux_attention_edits(flux_kit, host):

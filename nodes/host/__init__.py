@@ -334,6 +334,23 @@ def forward_mode_attention(patcher) -> None:
     options[ATTENTION_OVERRIDE] = override
 
 
+@contextlib.contextmanager
+def training_kernels():
+    """Newer hosts (0.38) run some steps through fused kernels that have no derivatives unless the host's own
+    training flag, ``comfy.model_management.in_training``, is set (Flux's rotary embedding goes through a
+    comfy_kitchen custom op otherwise); for the duration, the flag is set where the host has it, and put back
+    after. Hosts without the flag (0.3.75) run as they are."""
+    if not hasattr(comfy.model_management, "in_training"):
+        yield
+        return
+    previous = comfy.model_management.in_training
+    comfy.model_management.in_training = True
+    try:
+        yield
+    finally:
+        comfy.model_management.in_training = previous
+
+
 class tangent_attention(torch.overrides.TorchFunctionMode):  # named as a context, like torch.no_grad
     """Inside: PyTorch's scaled dot-product attention on inputs that carry forward-mode tangents runs its math
     backend, which has a forward-mode rule, a block of queries at a time so that no score matrix passes

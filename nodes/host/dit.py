@@ -232,7 +232,10 @@ class OutputShift:
         versions = tuple(None if t.is_inference() else t._version for t in (weight, vectors))
         return (id(module), id(weight), weight.data_ptr(), *versions, id(vectors), vectors.data_ptr(), x.dtype,
                 x.device, *map(id, getattr(module, "weight_function", ())),
-                *map(id, getattr(module, "bias_function", ())))
+                *map(id, getattr(module, "bias_function", ())),
+                # newer hosts' dynamic loading (0.38) keeps a LoRA in these
+                id(getattr(module, "weight_lowvram_function", None)),
+                id(getattr(module, "bias_lowvram_function", None)))
 
 
 def add_shifts(patcher, shifts: list) -> None:
