@@ -577,11 +577,11 @@ def site_ceilings(results: Results, meaning: dict, means: dict) -> dict:
 
 
 def named_pairs(results, means, sets, ceiling_table, resamples, method: str, factors: tuple) -> dict:
-    """Per factor in ``factors`` (the pair set's order), its example-pair direction (``method``: "pair" or
-    "pair-matched") at the site where it moves its named factor most over the best random direction there: that
-    slope, the ratio (with its bootstrap interval), the named factor's purity and that purity over the site's
-    ceiling for the factor, the ceiling's own effect over the same random best (what any direction there can
-    reach); and at how many sites the ratio reaches 5."""
+    """Per factor in ``factors`` (the pair set's order), its example-pair direction (``method``: "pair",
+    "pair-matched" or "pair-conditional") at the site where it moves its named factor most over the best random
+    direction there: that slope, the ratio (with its bootstrap interval), the named factor's purity and that
+    purity over the site's ceiling for the factor, the ceiling's own effect over the same random best (what any
+    direction there can reach); and at how many sites the ratio reaches 5."""
     named = {}
     for i, name in enumerate(factors):
         rows, f = [], FACTORS.index(name)
