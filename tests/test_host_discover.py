@@ -1,5 +1,6 @@
 """Host layer: Discover Attention Eigendirections on real host models, graphs, patches and dtypes."""
 import hashlib
+import re
 
 import pytest
 import torch
@@ -161,6 +162,19 @@ def test_bad_inputs_get_clear_errors(host, tiny):
         "middle_block.1.transformer_blocks.0.attn1"}
     with pytest.raises(ValueError, match=r"count: 40 is more than the width of .*\(32\)"):
         node.discover(patcher, "all", 40, "whitened", 1.0)
+
+
+def test_a_weight_the_host_leaves_out_is_named(host, tiny, monkeypatch):
+    """Newer hosts' get_key_patches (0.38) skip weights that are not tensors: a layer missing one is refused by
+    name, not with a KeyError."""
+    build_unet, node = tiny
+    patcher = build_unet("sd15", seed=0)
+    key = "diffusion_model.input_blocks.1.1.transformer_blocks.0.attn1.to_k.weight"
+    everything = patcher.get_key_patches
+    monkeypatch.setattr(patcher, "get_key_patches", lambda *a, **k: {
+        name: value for name, value in everything(*a, **k).items() if name != key})
+    with pytest.raises(ValueError, match=rf"^model: the host gives no weight tensor for {re.escape(key)}, "):
+        node.discover(patcher, "input_blocks.1", 2, "whitened", 1.0)
 
 
 def sd3_with_layer_norms():

@@ -122,6 +122,9 @@ def read_weight(key_patches: dict, key: str, device, rows: int | None = None,
     plain tensor without patches is cut before it is converted (Flux's single blocks keep their
     attention in a third of linear1's rows); anything else is converted and patched whole.
     """
+    if key not in key_patches:  # newer hosts (0.38) leave out weights that are not tensors
+        raise ValueError(f"model: the host gives no weight tensor for {key}, which this layer's directions need; "
+                         f"load the model with a standard loader")
     (weight, convert), *patches = key_patches[key]
     cut = (slice(rows), slice(columns)) if weight.ndim == 2 else (slice(rows),)
     if not patches and type(weight) in (torch.Tensor, torch.nn.Parameter):
