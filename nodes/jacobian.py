@@ -273,8 +273,8 @@ def site_widths(model, sites) -> dict:
 def with_jacobian(model, positive, negative, samples, seed: int, sigmas, cfg: float, site: str, width: int, solve,
                   progress) -> JacobianRun:
     """Runs ``solve(apply, apply_t, width)`` on the Jacobian at ``site`` (``width`` wide) of the model's prediction
-    for the image
-    ``samples`` [1, ...] noised with ``seed`` to sigmas[0], inside the host's guider; the finished run."""
+    for the image ``samples`` [1, ...] noised with ``seed`` to sigmas[0], inside the host's guider; the finished
+    run."""
     patch = DerivativeShift(site)
     patched = model.clone()
     host.forward_mode_attention(patched)
