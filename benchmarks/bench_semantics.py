@@ -54,6 +54,7 @@ from PIL import Image, ImageDraw
 
 from benchmarks.common import REPO, arguments, report, start_host
 from benchmarks.measures import bootstrap_interval, bootstrap_resamples, ceiling_directions, effect, purity, seed_slopes
+from harness.cpu import idle_threads
 from world import quality
 from world.faces import FACTORS, dataset, render
 from world.faces import SIZE as IMAGE_SIZE
@@ -609,6 +610,8 @@ def main():
     args = arguments(__doc__, quick="fewer seeds, sites and directions: minutes, for development")
     plan = QUICK if args.quick else FULL
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, flush=True))
+    threads = idle_threads() if args.device == "cpu" else (torch.get_num_threads(), "torch's default")
+    torch.set_num_threads(threads[0])  # the figures are slopes, not timings: threads that would wait are left out
     timings, started = {}, [time.perf_counter()]
 
     def phase(name):  # seconds spent since the previous phase ended
@@ -743,7 +746,7 @@ def main():
     oracle = quality.oracle_x0_psnr(faces)
     phase("world_quality_and_oracle")
     report({
-        "device": args.device, "quick": args.quick, "seeds": plan["seeds"], "steps": STEPS,
+        "device": args.device, "threads": list(threads), "quick": args.quick, "seeds": plan["seeds"], "steps": STEPS,
         "linear_alphas": list(plan["alphas"]["attention"]), "hspace_linear_alphas": list(plan["alphas"]["hspace"]),
         "saturation_multiples": list(SATURATION),
         "regressor_factors": list(FACTORS), "bootstrap_resamples": len(resamples),

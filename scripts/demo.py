@@ -78,25 +78,10 @@ class Settings:
     why: dict = field(default_factory=dict)  # setting -> where its value came from
 
 
-def idle_threads() -> tuple:
-    """CPU threads for torch, and why: its default (one a physical core), less the cores other processes keep
-    busy (the 1-minute load average). Threads beyond the idle cores wait on each other: on 2 cores under a load
-    of 5, SD1.5's UNet ran 3.4x faster on 1 thread than on 2."""
-    import torch
-    default = torch.get_num_threads()
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # no load average (Windows)
-        return default, "torch's default"
-    cores = os.cpu_count() or default
-    threads = max(1, min(default, round(cores - load)))
-    return threads, f"torch's default {default}, fitted to the idle cores: load {load:.1f} on {cores}"
-
-
 def settings_from(environ, family: str | None, gpu: bool, threads: tuple = (None, "torch's default")) -> Settings:
     """The run's settings from DEMO_* variables (empty counts as unset), for a checkpoint of ``family``
     ('SD1.5' or 'SDXL') or the faces world's model (None), on a machine with or without a GPU; ``threads``
-    is the CPU thread count to use unless DEMO_THREADS says, and why (see idle_threads)."""
+    is the CPU thread count to use unless DEMO_THREADS says, and why (see harness.cpu.idle_threads)."""
     def given(name):
         return environ.get(name, "").strip()
 
@@ -380,6 +365,8 @@ def main():
     environ = os.environ
     checkpoint, family = checkpoint_from(environ)
     import torch
+
+    from harness.cpu import idle_threads
     gpu = torch.cuda.is_available()
     settings = settings_from(environ, family, gpu, idle_threads())
     if settings.threads:

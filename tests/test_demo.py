@@ -135,6 +135,24 @@ def test_settings_follow_the_device():
     assert settings_from({"DEMO_THREADS": "3"}, None, gpu=True).threads == 3
 
 
+def test_torch_threads_follow_the_idle_cores(monkeypatch):
+    """harness.cpu.idle_threads (the demo's and the semantics benchmark's CPU threads): torch's default less the
+    cores the 1-minute load average keeps busy, at least one; the default where no load average exists."""
+    import torch
+
+    from harness.cpu import idle_threads
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    for load, threads in ((0.2, 2), (0.7, 1), (5.0, 1)):
+        monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
+        assert idle_threads() == (threads, f"torch's default 2, fitted to the idle cores: load {load:.1f} on 2")
+
+    def no_load_average():
+        raise OSError("no load average")
+    monkeypatch.setattr(os, "getloadavg", no_load_average)
+    assert idle_threads() == (2, "torch's default")
+
+
 @pytest.mark.parametrize("environ, family, message", [
     ({"DEMO_DEVICE": "tpu"}, "SD1.5", "DEMO_DEVICE: expected cpu or cuda"),
     ({"DEMO_DEVICE": "cuda"}, "SD1.5", "DEMO_DEVICE: cuda asked for, but torch sees no GPU"),
