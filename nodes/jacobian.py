@@ -165,7 +165,8 @@ class JacobianRun(comfy.samplers.Sampler):
 
     def reached(self, derivative):
         if derivative is None:
-            raise ValueError(f"site: {self.patch.site} did not reach the model's output (is it used by this model?)")
+            raise ValueError(f"site: {self.patch.site} did not reach the model's output: is it used by this model, "
+                             f"or does an operation on the way (a fused kernel without derivatives) drop the change?")
         return derivative
 
 

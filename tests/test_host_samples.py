@@ -303,6 +303,25 @@ def test_a_model_refusing_reverse_mode_gets_its_jacobian_formed(host, kit, caplo
     assert torch.allclose(found.sites["h_space"].gains.double(), values[:2], rtol=1e-3)
 
 
+@torch.library.custom_op("semantic_directions_test::fused_copy", mutates_args=())
+def fused_copy(x: torch.Tensor) -> torch.Tensor:
+    """A fused kernel as newer hosts register theirs: a custom op without derivative rules, forward or reverse
+    (forward mode passes it with the tangent dropped, silently)."""
+    return x.clone()
+
+
+def test_a_kernel_dropping_the_derivative_on_the_way_is_named(host, kit):
+    """Every path from the site to the output passes such a kernel: reverse mode fails, forward mode brings no
+    change to the output, and the node says so in one line instead of returning null directions."""
+    model = kit[0].clone()
+    model.set_model_output_block_patch(lambda h, hsp, options: (fused_copy(h), hsp))
+    node = host.nodes.NODE_CLASS_MAPPINGS["DirectionsFromImage"]()
+    image = {"samples": torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(9))}
+    with pytest.raises(ValueError, match=r"^site: h_space did not reach the model's output: is it used by this "
+                                         r"model, or does an operation on the way \(a fused kernel"):
+        node.directions(model, conditioning(1), conditioning(2), image, 3, 0.3, 1.0, "h_space", 2)
+
+
 @pytest.mark.parametrize("mode, rows_that_fit", [("reverse", 2), ("reverse", 0), ("forward", 2), ("forward", 0)])
 def test_passes_that_run_out_of_memory_take_fewer_rows(host, kit, caplog, mode, rows_that_fit):
     """A device that holds the activations of only ``rows_that_fit`` rows in a ``mode`` pass (a patch raising the
