@@ -6,6 +6,7 @@ figures quoted are the ones measured, copied by no hand.
 """
 import argparse
 import json
+from pathlib import Path
 
 LABELS = {"whitened": "whitened", "value": "value", "qkv-stack": "qkv-stack", "hspace-pca": "h-space PCA",
           "pair": "example pair", "pair-matched": "example pair, matched",
@@ -102,7 +103,7 @@ def own_face_table(report: dict) -> list:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("report", help="a file holding bench_semantics --json's output")
-    report = json.loads(open(parser.parse_args().report).read())
+    report = json.loads(Path(parser.parse_args().report).read_text())
     for title, lines in (("methods", methods_table(report)), ("per site", sites_table(report)),
                          ("named directions", named_table(report)), ("own-face edits", own_face_table(report))):
         print(f"{title}:\n" + "\n".join(lines) + "\n")

@@ -63,12 +63,28 @@ def assert_float32_close(actual: torch.Tensor, expected: torch.Tensor, ulps: flo
     assert worst <= ulps * FLOAT32_EPS * scale, f"differ by {worst:.3g}, more than {ulps} float32 ulps of {scale:.3g}"
 
 
+def jacobian_solved(model, positive, negative, samples, site: str, cfg: float, solve, rows: int):
+    """``solve(apply, apply_t, width)``'s result on the Jacobian Directions From Image differentiates at ``site``:
+    the model's prediction for ``samples`` noised with seed 3 to 0.3 of the schedule (``rows``: the bar's
+    estimate)."""
+    from semantic_directions.nodes.host import model_sampling
+    from semantic_directions.nodes.jacobian import RowProgress, site_widths, with_jacobian
+    sigmas = torch.tensor([float(model_sampling(model).percent_to_sigma(0.3)), 0.0])
+    return with_jacobian(model, positive, negative, samples, 3, sigmas, cfg, site, site_widths(model, [site])[site],
+                         solve, RowProgress(rows)).found
+
+
+@torch.library.custom_op("semantic_directions_test::fused_copy", mutates_args=())
+def fused_copy(x: torch.Tensor) -> torch.Tensor:
+    """A fused kernel as newer hosts register theirs (comfy_kitchen's): a custom op without derivative rules,
+    forward or reverse (reverse mode fails through it; forward mode passes it with the tangent dropped, silently)."""
+    return x.clone()
+
+
 def assert_reverse_products_transpose_forward_ones(model, positive, negative, samples, site: str, cfg: float = 1.0):
     """Directions From Image's products with the Jacobian at ``site``: U^T (J V) from forward mode equals
     (J^T U)^T V from reverse mode, for random V and U, on the host's own model inside its guider (the
     reverse pass through weights the host may have loaded in inference mode)."""
-    from semantic_directions.nodes.host import model_sampling
-    from semantic_directions.nodes.jacobian import RowProgress, site_widths, with_jacobian
     generator = torch.Generator().manual_seed(5)
 
     def solve(apply, apply_t, width):
@@ -76,10 +92,7 @@ def assert_reverse_products_transpose_forward_ones(model, positive, negative, sa
         forward = apply(vectors)
         outputs = torch.randn(forward.shape[0], 5, generator=generator)
         return outputs.T @ forward, apply_t(outputs).T @ vectors
-    sigmas = torch.tensor([float(model_sampling(model).percent_to_sigma(0.3)), 0.0])
-    width = site_widths(model, [site])[site]
-    forward, reverse = with_jacobian(model, positive, negative, samples, 3, sigmas, cfg, site, width, solve,
-                                     RowProgress(8)).found
+    forward, reverse = jacobian_solved(model, positive, negative, samples, site, cfg, solve, 8)
     assert forward.abs().max() > 0
     # sums of a few thousand float32 products either way: agreement to float32 rounding of their size
     assert_float32_close(reverse, forward, ulps=2 ** 10)

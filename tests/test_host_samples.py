@@ -11,6 +11,7 @@ from directions_testing import (
     assert_reverse_products_transpose_forward_ones,
     conditioning,
     denoised_once,
+    fused_copy,
     orthonormal,
     progress_updates,
 )
@@ -303,16 +304,10 @@ def test_a_model_refusing_reverse_mode_gets_its_jacobian_formed(host, kit, caplo
     assert torch.allclose(found.sites["h_space"].gains.double(), values[:2], rtol=1e-3)
 
 
-@torch.library.custom_op("semantic_directions_test::fused_copy", mutates_args=())
-def fused_copy(x: torch.Tensor) -> torch.Tensor:
-    """A fused kernel as newer hosts register theirs: a custom op without derivative rules, forward or reverse
-    (forward mode passes it with the tangent dropped, silently)."""
-    return x.clone()
-
-
 def test_a_kernel_dropping_the_derivative_on_the_way_is_named(host, kit):
-    """Every path from the site to the output passes such a kernel: reverse mode fails, forward mode brings no
-    change to the output, and the node says so in one line instead of returning null directions."""
+    """Every path from the site to the output passes a kernel without derivatives (fused_copy): reverse mode
+    fails, forward mode brings no change to the output, and the node says so in one line instead of returning
+    null directions."""
     model = kit[0].clone()
     model.set_model_output_block_patch(lambda h, hsp, options: (fused_copy(h), hsp))
     node = host.nodes.NODE_CLASS_MAPPINGS["DirectionsFromImage"]()
