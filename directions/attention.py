@@ -30,7 +30,6 @@ OVERSAMPLE = 6  # extra vectors in each Krylov block beyond the directions asked
 BLOCKS_PER_CHECK = 2  # after the first: each Rayleigh-Ritz check costs about as much as a block's products
 RESIDUAL_TOLERANCE = 5e-3  # Ritz residual over Ritz value: gains within 0.25%
 DEPENDENT = 1e-4  # a grown block's column this much smaller than its largest after orthogonalisation: dependent
-STREAMED_BYTES = 16 * 2 ** 20  # larger weights stream from memory: their transposes are copied (see _shift_operators)
 
 
 @dataclass(frozen=True)
@@ -108,10 +107,7 @@ def shift_operator(weights: AttentionWeights, method: str, token_variance: float
 def _shift_operators(weights: AttentionWeights, method: str, token_variance: float, variants):
     """One (apply, apply_t) per (product dtype, whether to form G) in ``variants``, sharing the work.
     Forming G pays when the operator makes many products; unformed, G x is W_v x + c blockdiag(W_v[h]
-    W_k[h]^T) (W_q x), one more product per block. Products with a transpose use a contiguous copy where
-    the weight is too large to stay in cache (3072-wide layers: a product through the strided view ran
-    1.7x slower on one core; the copy costs about seven blocks' savings, a site takes about sixteen, 15%
-    faster in all) or not float32/64."""
+    W_k[h]^T) (W_q x), one more product per block."""
     if method not in METHODS:
         raise ValueError(f"method {method!r} is not one of {', '.join(METHODS)}")
     heads = weights.heads
@@ -120,39 +116,45 @@ def _shift_operators(weights: AttentionWeights, method: str, token_variance: flo
     operators = []
     for product_dtype, formed in variants:
         dtype = product_dtype or weights.q.dtype
-
-        def cast(weight, dtype=dtype):
-            weight = weight.to(dtype)
-            streamed = weight.numel() * weight.element_size() > STREAMED_BYTES
-            full = dtype in (torch.float32, torch.float64)
-            return weight, (weight.T.contiguous() if streamed or not full else weight.T)
         if method == "qkv-stack":
-            operators.append(_stack_pair([cast(w) for w in (weights.q, weights.k, weights.v)], dtype))
+            operators.append(_stack_pair([_products(w, dtype) for w in (weights.q, weights.k, weights.v)], dtype))
             continue
         if method == "value":
-            mixed = cast(weights.v)
+            mixed = _products(weights.v, dtype)
         elif formed:
             per_head = [rearrange(w.to(dtype), "(h e) d -> h e d", h=heads) for w in (weights.v, weights.q)]
-            mixed = cast(rearrange(torch.baddbmm(per_head[0], tilts.to(dtype), per_head[1]), "h e d -> (h e) d"))
+            mixed = _products(rearrange(torch.baddbmm(per_head[0], tilts.to(dtype), per_head[1]), "h e d -> (h e) d"),
+                              dtype)
         else:
-            mixed = _unformed_mixed(cast(weights.v), cast(weights.q), tilts.to(dtype), heads)
-        operators.append(_product_pair(mixed, cast(weights.out), dtype))
+            mixed = _unformed_mixed(_products(weights.v, dtype), _products(weights.q, dtype), tilts.to(dtype), heads)
+        operators.append(_product_pair(mixed, _products(weights.out, dtype), dtype))
     return operators
 
 
+def _products(weight: torch.Tensor, dtype: torch.dtype):
+    """(x -> W x, y -> W^T y) in ``dtype``. In float32 and float64 the transposed product is taken as a row
+    product, (y^T W)^T: BLAS runs it as fast as W x, where W^T y through the strided view ran 1.5x (1280 wide) to
+    2x (3072) slower, and a transposed copy costs 2 ms (1280) to 26 ms (3072) (one core, AVX-512). In bfloat16
+    only a contiguous matrix multiplies at full speed (either other way ran 2.2x slower), so W^T is copied."""
+    weight = weight.to(dtype)
+    if dtype in (torch.float32, torch.float64):
+        return weight.__matmul__, lambda y: (y.T @ weight).T
+    return weight.__matmul__, weight.T.contiguous().__matmul__
+
+
 def _stack_pair(stacked, dtype):
-    """A = [W_q; W_k; W_v] from their (W, W^T)."""
+    """A = [W_q; W_k; W_v] from their (x -> W x, y -> W^T y)."""
     def apply(x):
-        return torch.cat([w @ x.to(dtype) for w, _ in stacked]).to(x.dtype)
+        return torch.cat([w(x.to(dtype)) for w, _ in stacked]).to(x.dtype)
 
     def apply_t(y):
-        return sum(w_t @ part.to(dtype) for (_, w_t), part in zip(stacked, y.chunk(3))).to(y.dtype)
+        return sum(w_t(part.to(dtype)) for (_, w_t), part in zip(stacked, y.chunk(3))).to(y.dtype)
     return apply, apply_t
 
 
 def _product_pair(mixed, out, dtype):
-    """A = W_o G from (G, G^T) and (W_o, W_o^T), each a matrix or a function applying it."""
-    (g, g_t), (o, o_t) = ((m if callable(m) else m.__matmul__ for m in pair) for pair in (mixed, out))
+    """A = W_o G from G's and W_o's (x -> M x, y -> M^T y)."""
+    (g, g_t), (o, o_t) = mixed, out
     return (lambda x: o(g(x.to(dtype))).to(x.dtype)), (lambda y: g_t(o_t(y.to(dtype))).to(y.dtype))
 
 
@@ -161,12 +163,12 @@ def _unformed_mixed(v, q, tilt, heads):
     (w_v, w_v_t), (w_q, w_q_t) = v, q
 
     def apply(x):
-        tilted = torch.einsum("hef,hfp->hep", tilt, rearrange(w_q @ x, "(h f) p -> h f p", h=heads))
-        return w_v @ x + rearrange(tilted, "h e p -> (h e) p")
+        tilted = torch.einsum("hef,hfp->hep", tilt, rearrange(w_q(x), "(h f) p -> h f p", h=heads))
+        return w_v(x) + rearrange(tilted, "h e p -> (h e) p")
 
     def apply_t(y):
         tilted = torch.einsum("hef,hep->hfp", tilt, rearrange(y, "(h e) p -> h e p", h=heads))
-        return w_v_t @ y + w_q_t @ rearrange(tilted, "h f p -> (h f) p")
+        return w_v_t(y) + w_q_t(rearrange(tilted, "h f p -> (h f) p"))
     return apply, apply_t
 
 
@@ -239,33 +241,41 @@ def _block_krylov(apply, apply_t, start: torch.Tensor, count: int, tolerance: fl
                   floor: float):
     """Block Krylov on A^T A from ``start`` [width, block] until the top ``count`` Ritz pairs meet the
     residual rule: (the top ``block`` Ritz vectors [width, block], their values), or None once the
-    basis would pass half the width. The Gram matrix Q^T A^T A Q grows a block at a time."""
+    basis would pass half the width. The basis, its products and the Gram matrix Q^T A^T A Q grow a
+    block at a time in place (room for half the width), so no step copies what came before."""
     width, block = start.shape
-    basis = torch.linalg.qr(start).Q
-    products = apply_t(apply(basis))  # A^T A basis, a block at a time: the only operator products made
-    gram = basis.T @ products
+    room = width // 2
+    basis, products, gram = start.new_empty(width, room), start.new_empty(width, room), start.new_empty(room, room)
+    basis[:, :block] = torch.linalg.qr(start).Q
+    products[:, :block] = apply_t(apply(basis[:, :block]))  # A^T A basis: the only operator products made
+    gram[:block, :block] = basis[:, :block].T @ products[:, :block]
+    size = block
     while True:
-        gram_values, gram_vectors = torch.linalg.eigh((gram + gram.T) / 2)
+        found, grown_products, small = basis[:, :size], products[:, :size], gram[:size, :size]
+        gram_values, gram_vectors = torch.linalg.eigh((small + small.T) / 2)
         values = gram_values.flip(0)[:block].clamp(min=0)
         coefficients = gram_vectors.flip(1)[:, :block]
-        ritz = basis @ coefficients
-        residual = products @ coefficients[:, :count] - ritz[:, :count] * values[:count]
+        ritz = found @ coefficients
+        residual = grown_products @ coefficients[:, :count] - ritz[:, :count] * values[:count]
         if (residual.norm(dim=0) <= tolerance * values[:count].clamp(min=floor * values[0])).all():
             return ritz, values
-        for _ in range(1 if basis.shape[1] == block else blocks_per_check):
-            if basis.shape[1] + block > width // 2:
+        for _ in range(1 if size == block else blocks_per_check):
+            if size + block > room:
                 return None
-            grown = products[:, -block:]
+            found, end = basis[:, :size], size + block
+            grown = products[:, size - block:size]
             for _ in range(2):  # twice is enough (Giraud et al.): the new block orthogonal to the basis in float32
-                grown = grown - basis @ (basis.T @ grown)
+                grown = grown - found @ (found.T @ grown)
             new, r = torch.linalg.qr(grown)
             diagonal = r.diagonal().abs()
             if (diagonal <= DEPENDENT * diagonal.max()).any():  # the Krylov space ran out (rank below the block):
-                new = torch.linalg.qr(new - basis @ (basis.T @ new)).Q  # QR's filler columns, made orthogonal too
-            new_products = apply_t(apply(new))
-            across = basis.T @ new_products
-            gram = torch.cat([torch.cat([gram, across], dim=1), torch.cat([across.T, new.T @ new_products], dim=1)])
-            basis, products = torch.cat([basis, new], dim=1), torch.cat([products, new_products], dim=1)
+                new = torch.linalg.qr(new - found @ (found.T @ new)).Q  # QR's filler columns, made orthogonal too
+            basis[:, size:end] = new
+            products[:, size:end] = apply_t(apply(new))
+            gram[:size, size:end] = found.T @ products[:, size:end]
+            gram[size:end, :size] = gram[:size, size:end].T
+            gram[size:end, size:end] = new.T @ products[:, size:end]
+            size = end
 
 
 def _exact(apply, width: int, count: int, device, dtype):

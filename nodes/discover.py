@@ -11,7 +11,7 @@ import comfy.utils
 from ..directions.attention import METHODS, attention_directions
 from ..directions.directionset import DirectionSet, SiteDirections
 from . import host
-from .common import CATEGORY, DIRECTIONS, finite
+from .common import CATEGORY, DIRECTIONS, all_finite, finite
 from .plots import gain_spectrum_image
 
 _CACHE_PER_MODEL = 8
@@ -91,7 +91,9 @@ def discover_sites(sites: dict, key_patches: dict, device, params: dict, progres
     @torch.no_grad()
     def layer_directions(path):
         weights = sites[path].read(key_patches, device)
-        if not all(torch.isfinite(w).all() for w in (weights.q, weights.k, weights.v, weights.out)):
+        tensors = (weights.q, weights.k, weights.v, weights.out, weights.q_norm, weights.k_norm, weights.q_bias,
+                   weights.k_bias, weights.v_bias)
+        if not all(all_finite(t) for t in tensors if t is not None):
             raise ValueError(f"model: the attention weights of {path} hold NaN or infinite values; load a "
                              f"working checkpoint (or check the LoRA's strength)")
         vectors, gains = attention_directions(weights, params["count"], params["method"], params["token_variance"])

@@ -229,18 +229,18 @@ def test_a_bfloat16_draft_only_chooses_the_subspace(method):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_copied_transposes_give_the_same_directions(method, monkeypatch):
-    """Weights too large for the cache multiply through contiguous transposed copies (Flux.1-wide layers); forced
-    on a small layer, the directions and gains equal those through the transposed views, up to float32 rounding
-    of the products' other summation order."""
-    from semantic_directions.directions import attention
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_products_are_the_operators_transpose(method, dtype):
+    """apply_t is A^T, in each precision's fast form (a row product in float32, a contiguous transposed copy in
+    bfloat16): against the float64 operator's transpose, to float32 rounding, or bfloat16's 8 bits."""
     weights = random_layer(640, 8, seed=11, dtype=torch.float32)
-    viewed = attention_directions(weights, 6, method, fast=False)
-    monkeypatch.setattr(attention, "STREAMED_BYTES", 0)
-    apply, apply_t = shift_operator(weights, method)
-    rows = 3 * 640 if method == "qkv-stack" else 640
-    matrix, probe = apply(torch.eye(640)), torch.randn(rows, 3, generator=torch.Generator().manual_seed(12))
-    assert_float32_close(apply_t(probe), matrix.T @ probe)  # the copies are the transposes
-    copied = attention_directions(weights, 6, method, fast=False)
-    assert_float32_close(copied[1], viewed[1])
-    assert (copied[0] * viewed[0]).sum(1).abs().min() > 1 - 1e-4  # the same unit vectors (signs fixed alike)
+    exact = shift_operator(dataclasses.replace(weights, **{name: getattr(weights, name).double()
+                                                           for name in ("q", "k", "v", "out")}), method)[0]
+    _, apply_t = shift_operator(weights, method, product_dtype=dtype)
+    matrix = exact(torch.eye(640, dtype=torch.float64))
+    probe = torch.randn(matrix.shape[0], 3, generator=torch.Generator().manual_seed(12))
+    expected = matrix.T @ probe.double()
+    if dtype == torch.float32:
+        assert_float32_close(apply_t(probe), expected)
+    else:  # each product's inputs rounded to 8 bits: entries within a few 2^-9 of the result's scale
+        assert (apply_t(probe).double() - expected).abs().max() < 1e-2 * expected.abs().max()

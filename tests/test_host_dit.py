@@ -533,15 +533,18 @@ def test_a_kept_vector_image_follows_the_linears_on_the_fly_patches():
 
 
 def test_bad_weights_and_foreign_sets_are_refused_by_name(flux_kit, host):
-    """NaN in a site's weights (here through a LoRA) is a one-line error naming the site; a UNet's set on Flux
-    names both families."""
+    """NaN in a site's weights or an infinite QK-norm gain (here through a LoRA) is a one-line error naming the
+    site; a UNet's set on Flux names both families."""
     site, linear, _ = flux_kit.sites[0]
-    key = f"diffusion_model.{linear}.weight"
-    broken = flux_kit.model.clone()
-    broken.add_patches({key: (torch.full(flux_kit.model.model.state_dict()[key].shape, float("nan")),)})
+    norm = host_layer().dit.sites(flux_kit.model)[site].q_norm
+    state = flux_kit.model.model.state_dict()
     discover = host.nodes.NODE_CLASS_MAPPINGS["DiscoverAttentionEigendirections"]()
-    with pytest.raises(ValueError, match=f"^model: the attention weights of {re.escape(site)} hold NaN"):
-        discover.discover(broken, "all", 2, "value", 1.0)
+    for key, value in ((f"{linear}.weight", float("nan")),) + (((norm, float("inf")),) if norm else ()):
+        broken = flux_kit.model.clone()
+        key = f"diffusion_model.{key}"
+        broken.add_patches({key: (torch.full(state[key].shape, value),)})
+        with pytest.raises(ValueError, match=f"^model: the attention weights of {re.escape(site)} hold NaN"):
+            discover.discover(broken, "all", 2, "whitened", 1.0)
     from harness.test_nodes.unets import build_unet
     unet_set = discover.discover(build_unet("sd15"), "middle", 2, "value", 1.0)[0]
     name = type(flux_kit.model.model).__name__
