@@ -1,9 +1,9 @@
 """Discovery speed and accuracy: all attn1 layers of SD1.5- and SDXL-sized UNets (random fp16 weights), count=10.
 
-Measured side by side in one run: the node's path (weights read through the patcher, block
-Krylov per layer) and a naive baseline on the same weights that forms M = J^T J and runs a full
-eigendecomposition per layer. Each timed run of the node uses a different token_variance so that
-its result cache never answers.
+Measured side by side in one run, in turns (benchmarks.common.timed_in_turns: each round runs both, the order
+alternating; best of three each): the node's path (weights read through the patcher, block Krylov per layer) and
+a naive baseline on the same weights that forms M = J^T J and runs a full eigendecomposition per layer. Each
+timed run of the node uses a different token_variance so that its result cache never answers.
 
 End to end (SD1.5): the same UNet saved with CLIP-L and a VAE by the host's own save path and loaded by its
 CheckpointLoaderSimple's loader, the node timed on that MODEL beside the library's math alone on the same
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import PeakRss, arguments, full_eigh_gains, report, start_host, timed
+from benchmarks.common import PeakRss, arguments, full_eigh_gains, report, start_host, timed, timed_in_turns
 
 COUNT, REPEATS = 10, 3
 
@@ -62,11 +62,12 @@ def main():
         patcher = build_unet(family, dtype=torch.float16, full_size=True)
         with torch.no_grad():
             figures[f"{name}_layers"] = len(unet_host.attention_sites(patcher))
+            seconds, results = timed_in_turns({"node": discover(patcher), "eigh": full_eigh(patcher)}, REPEATS)
+            (found, _), exact = results["node"], results["eigh"]
+            figures[f"{name}_all_layers_s"] = round(seconds["node"], 4)
+            figures[f"{name}_full_eigh_s"] = round(seconds["eigh"], 4)
             with PeakRss() as memory:
-                seconds, (found, _) = timed(discover(patcher), REPEATS)
-                figures[f"{name}_all_layers_s"] = round(seconds, 4)
-            seconds, exact = timed(full_eigh(patcher), REPEATS)
-            figures[f"{name}_full_eigh_s"] = round(seconds, 4)
+                discover(patcher)(REPEATS)  # once more, alone, for its memory
         errors = [float(((found.sites[path].gains.float() - gains).abs() / gains).max())
                   for path, gains in exact.items()]
         figures[f"{name}_max_relative_gain_error"] = round(max(errors), 4)
@@ -104,9 +105,8 @@ def end_to_end(patcher, discover, attention, device) -> dict:
     def library(_):
         with torch.no_grad(), layer_pool(device) as pool:
             return list(pool.map(lambda weights: attention.attention_directions(weights, COUNT, "whitened"), layers))
-    node = discover(model)
-    pairs = [(timed(lambda _, i=i: node(i), 1)[0], timed(library, 1)[0]) for i in range(REPEATS)]
-    node_s, library_s = (min(times) for times in zip(*pairs))  # interleaved, so that both see the same load
+    seconds, _ = timed_in_turns({"node": discover(model), "library": library}, REPEATS)
+    node_s, library_s = seconds["node"], seconds["library"]
     return {"sd15_checkpoint_family": type(model.model.model_config).__name__,
             "sd15_checkpoint_load_s": round(load_s, 2), "sd15_checkpoint_node_s": round(node_s, 4),
             "sd15_library_math_s": round(library_s, 4)}

@@ -37,6 +37,19 @@ def timed(function, repeats: int = 3):
     return best, result
 
 
+def timed_in_turns(functions: dict, repeats: int = 3):
+    """({name: best wall time}, {name: last result}) of ``functions`` ({name: function(i)}), called in turns for
+    ``repeats`` rounds, the order reversed every other round: a ratio of two of them then compares runs made under
+    the same load, where timing all of one and then all of the other lets the machine's drift into the ratio."""
+    best, results = {name: float("inf") for name in functions}, {}
+    for i in range(repeats):
+        for name in (list(functions) if i % 2 == 0 else list(functions)[::-1]):
+            start = time.perf_counter()
+            results[name] = functions[name](i)
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best, results
+
+
 class PeakRss:
     """Samples this process's resident memory every millisecond; ``extra_mb`` is the peak above the start."""
 

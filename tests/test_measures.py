@@ -229,3 +229,22 @@ def test_the_readme_tables_quote_the_report():
     pair = "h-space, 0.451, 1.3x (0.6 to 1.7)"
     assert named_table(report)[2:] == [f"| smile | {pair} | {pair} | - / - |"]
     assert own_face_table(report)[2:] == ["| h-space | 8 | 1.4x (0.9 to 2.0) | 1.770 | h-space PCA | 1.270 |"]
+
+
+def test_timed_in_turns_alternates_and_keeps_each_best(monkeypatch):
+    """Each round calls every function once, the order reversed every other round, so that a drift of the
+    machine's speed reaches both sides of a ratio; each function's figure is its fastest call (on a clock the
+    functions advance themselves, so the test does not depend on this machine's timing)."""
+    from benchmarks import common
+    clock, calls = [0.0], []
+    monkeypatch.setattr(common.time, "perf_counter", lambda: clock[0])
+
+    def taking(name, seconds):
+        def run(i):
+            calls.append((name, i))
+            clock[0] += seconds[i]
+            return i
+        return run
+    best, results = common.timed_in_turns({"a": taking("a", [3.0, 1.0, 2.0]), "b": taking("b", [0.5, 2.0, 1.0])}, 3)
+    assert calls == [("a", 0), ("b", 0), ("b", 1), ("a", 1), ("a", 2), ("b", 2)]
+    assert results == {"a": 2, "b": 2} and best == {"a": 1.0, "b": 0.5}
