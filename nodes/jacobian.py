@@ -1,5 +1,6 @@
 """Directions From Image (Jacobian): the shifts at a site that change one image's denoised prediction most."""
 import logging
+import warnings
 
 import torch
 import torch.autograd.forward_ad as forward_ad
@@ -22,6 +23,14 @@ from .samples import SITE_TOOLTIP, checked_latent
 
 FORWARD_CHUNK = 16  # forward-mode rows per model call (they keep no activations)
 REVERSE_CHUNK = 4  # reverse-mode rows per model call: each keeps its activations for the backward pass
+
+
+def load_forward_mode_rules():
+    """torch loads its forward-mode decompositions on the first dual tensor, scripting them with torch.jit.script,
+    which torch 2.14 deprecates with a FutureWarning a user can do nothing about: load them with it silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        getattr(forward_ad, "_maybe_load_decompositions", lambda: None)()
 
 
 class DerivativeShift:
@@ -102,6 +111,7 @@ class JacobianRun(comfy.samplers.Sampler):
             return in_latent_units(model_wrap.inner_model, out).flatten(1)
 
         def forward(chunk):  # [p, C] -> (J chunk^T)^T, [p, m]
+            load_forward_mode_rules()
             try:
                 with forward_ad.dual_level(), host.tangent_attention():
                     tangent = forward_ad.unpack_dual(predict(forward_ad.make_dual(torch.zeros_like(chunk),

@@ -1,5 +1,9 @@
 """Directions from samples and pairs on the tiny UNet, through the host's own sampling."""
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,6 +24,7 @@ from semantic_directions.directions.directionset import DirectionSet, SiteDirect
 from semantic_directions.nodes.host import made_for
 
 SITE_7 = "input_blocks.7.1.transformer_blocks.0.attn1"
+REPO = Path(__file__).resolve().parents[1]
 
 
 def latent(batch):
@@ -410,6 +415,27 @@ def test_the_jacobian_runs_as_the_host_runs_nodes_in_inference_mode(host, kit):
         assert all(torch.equal(before[name], tensor) for name, tensor in model.model.state_dict().items())
     outside = node.directions(kit[0], conditioning(1), conditioning(2), image, 3, 0.3, 1.0, "h_space", 3)[0]
     assert torch.equal(inside.sites["h_space"].vectors, outside.sites["h_space"].vectors)
+
+
+def test_the_jacobian_warns_nothing_in_a_fresh_process():
+    """torch scripts its forward-mode rules on the first dual tensor of a process, and torch 2.14 warns that
+    torch.jit.script is deprecated there (a FutureWarning a user can do nothing about): the node loads them with
+    that warning silenced. A fresh interpreter, as the rules load once per process."""
+    code = ("import warnings, torch\n"
+            "from harness.host import shared_host\n"
+            "node = shared_host().nodes.NODE_CLASS_MAPPINGS['DirectionsFromImage']()\n"
+            "from harness.test_nodes import TinyConditioning\n"
+            "from harness.test_nodes.unets import build_unet\n"
+            "prompt = TinyConditioning().encode(1, 32, 77)[0]\n"
+            "image = {'samples': torch.zeros(1, 4, 8, 8)}\n"
+            "with warnings.catch_warnings(record=True) as caught:\n"
+            "    warnings.simplefilter('always')\n"
+            "    node.directions(build_unet('sd15'), prompt, prompt, image, 0, 0.3, 1.0, 'h_space', 2)\n"
+            "print('WARNINGS', [str(w.message) for w in caught])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "WARNINGS []"
 
 
 def test_pytorch_attention_gets_forward_mode_derivatives_a_block_of_queries_at_a_time(host, monkeypatch):

@@ -133,12 +133,13 @@ def empty_context(batch: int) -> torch.Tensor:
     return torch.zeros(batch, 1, CONTEXT_DIM)
 
 
-def load_patcher(path: Path = WEIGHTS) -> comfy.model_patcher.ModelPatcher:
-    """The trained model as the host runs a checkpoint: a ModelPatcher on the host's devices."""
+def load_patcher(path: Path = WEIGHTS, dtype=torch.float32) -> comfy.model_patcher.ModelPatcher:
+    """The trained model as the host runs a checkpoint: a ModelPatcher on the host's devices, computing in
+    ``dtype`` (float16 or bfloat16 as a GPU runs it)."""
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; train and export it with python -m world.train --export")
     weights, prediction, unet = read_weights(path)
-    model = build_model(prediction=prediction, unet=unet)
+    model = build_model(dtype=dtype, prediction=prediction, unet=unet)
     model.diffusion_model.load_state_dict(weights)
     return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
                                             offload_device=comfy.model_management.unet_offload_device())

@@ -57,13 +57,13 @@ FAMILIES = {
 }
 
 
-def build_dit(family="flux", seed=0, dtype=torch.float32, full_size=False, **overrides):
+def build_dit(family="flux", seed=0, dtype=torch.float32, full_size=False, compute_dtype=torch.float32, **overrides):
     """A ModelPatcher around the host's model of ``family`` (flux, flux2, chroma, sd3, qwen), weights drawn from
-    ``seed``;
+    ``seed``, stored in ``dtype`` and computed in ``compute_dtype`` (see unets.build_unet);
     ``overrides`` change the config. Tiny models keep the family's latent channels and patch size."""
     config_class, full, tiny = FAMILIES[family]
     model_config = config_class({**full, **({} if full_size else tiny), **overrides})
-    model_config.set_inference_dtype(dtype, None if dtype == torch.float32 else torch.float32)
+    model_config.set_inference_dtype(dtype, None if compute_dtype == dtype else compute_dtype)
     model = model_config.get_model({})
     model.diffusion_model.load_state_dict(seeded_weights(model.diffusion_model, seed, dtype))
     return comfy.model_patcher.ModelPatcher(

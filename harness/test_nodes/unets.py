@@ -37,12 +37,15 @@ FAMILIES = {"sd15": (comfy.supported_models.SD15, SD15_UNET, comfy.model_base.Ba
 
 
 def build_unet(family="sd15", model_channels=32, context_dim=32, num_heads=4, seed=0,
-               dtype=torch.float32, full_size=False, model_type="eps", depths=None) -> comfy.model_patcher.ModelPatcher:
+               dtype=torch.float32, full_size=False, model_type="eps", depths=None,
+               compute_dtype=torch.float32) -> comfy.model_patcher.ModelPatcher:
     """A ModelPatcher around the host's model class of the given family, weights drawn from ``seed``.
 
     ``full_size`` keeps the real widths, context and heads (for benchmarks). ``model_type``
     ('eps', 'v_prediction' or 'flow') picks the host's prediction type and sampling schedule.
     ``depths`` replaces the family's block counts (num_res_blocks, channel_mult, transformer depths).
+    ``dtype`` stores the weights; the model computes in ``compute_dtype``: float32 by default, as the host runs
+    low-precision checkpoints on a CPU, or the storage dtype, as it runs them on a GPU.
     """
     config_class, unet, model_class = FAMILIES[family]
     unet = dict(unet, dtype=dtype, **(depths or {}))
@@ -56,8 +59,7 @@ def build_unet(family="sd15", model_channels=32, context_dim=32, num_heads=4, se
             unet["num_head_channels"] = max(model_channels // num_heads, 1)
     config = config_class(unet)
     config.unet_config.update({k: unet[k] for k in ("num_heads", "num_head_channels")})
-    # Stored in a low-precision dtype, computed in float32, as the host runs such checkpoints on a CPU.
-    config.set_inference_dtype(dtype, None if dtype == torch.float32 else torch.float32)
+    config.set_inference_dtype(dtype, None if compute_dtype == dtype else compute_dtype)
     model_type = comfy.model_base.ModelType[model_type.upper()]
     model = model_class(config, model_type=model_type, device=torch.device("cpu"))
     model.diffusion_model.load_state_dict(seeded_weights(model.diffusion_model, seed, dtype))
