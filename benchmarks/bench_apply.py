@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from benchmarks.common import PeakRss, arguments, report, start_host
+from benchmarks.common import PeakRss, arguments, report, start_host, unet_precision
 
 STEPS, LATENT, REPEATS = 5, 16, 3
 
@@ -29,7 +29,7 @@ def main():
 
     from harness.test_nodes.unets import build_unet
     registry = host.nodes.NODE_CLASS_MAPPINGS
-    model = build_unet("sd15", full_size=True)
+    model = build_unet("sd15", full_size=True, **unet_precision(args.device))
     model_mb = sum(p.numel() * p.element_size() for p in model.model.parameters()) / 2 ** 20
     before = {k: hashlib.sha256(v.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).digest()
               for k, v in model.model.state_dict().items()}
@@ -70,7 +70,7 @@ def main():
                   for k in before if before[k] != after[k])
     report({
         "device": args.device, "threads": torch.get_num_threads(), "latent": [1, 4, LATENT, LATENT],
-        "steps": STEPS, "model_mb": round(model_mb, 1),
+        "steps": STEPS, "model_dtype": str(model.model.get_dtype()), "model_mb": round(model_mb, 1),
         "plain_step_s": round(best["plain"], 4), "patched_step_s": round(best["patched"], 4),
         "overhead_ratio": round(best["patched"] / best["plain"], 4),
         "asyrp_unet_calls_per_step": len(calls) / STEPS,

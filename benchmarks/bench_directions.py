@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from benchmarks.common import UNetRows, arguments, report, start_host
+from benchmarks.common import UNetRows, arguments, report, start_host, unet_precision
 
 BATCH, STEPS, CFG, LATENT, QUICK_LATENT = 8, 20, 7.0, 64, 8
 
@@ -55,11 +55,12 @@ def main():
 
     from harness.test_nodes.unets import build_unet
     registry = host.nodes.NODE_CLASS_MAPPINGS
-    model = build_unet("sd15", full_size=True)
+    model = build_unet("sd15", full_size=True, **unet_precision(args.device))
+    unet = f"sd15 full size, random weights, {model.model.get_dtype()}"
     generator = torch.Generator().manual_seed(0)
     prompts = [[[torch.randn(1, 77, 768, generator=generator), {}]] for _ in range(3)]
     if args.quick:
-        report({"device": args.device, "threads": torch.get_num_threads(), "unet": "sd15 full size, random weights",
+        report({"device": args.device, "threads": torch.get_num_threads(), "unet": unet,
                 "site": "h_space", "count": 8, **jacobian_against_formed(model, registry, prompts[0], QUICK_LATENT)},
                args.json)
         return
@@ -82,7 +83,7 @@ def main():
         registry["DirectionsFromImage"]().directions(model, prompts[0], prompts[2], {"samples": latent["samples"][:1]},
                                                       0, 0.3, 1.0, "h_space", 8)
 
-    figures = {"device": args.device, "threads": torch.get_num_threads(), "unet": "sd15 full size, random weights",
+    figures = {"device": args.device, "threads": torch.get_num_threads(), "unet": unet,
                "latent": [BATCH, 4, LATENT, LATENT], "steps": STEPS, "cfg": CFG, "site": "h_space"}
     with torch.no_grad():
         for name, run in (("sampling", plain), ("pca", pca), ("pair", pair), ("jacobian", jacobian)):

@@ -27,6 +27,14 @@ def start_host(device: str):
     return shared_host(device)
 
 
+def unet_precision(device: str) -> dict:
+    """build_unet's dtypes as the host runs an SD checkpoint: float16 weights computed in float16 on a GPU, float32
+    on a CPU (where the host computes half-precision checkpoints in float32 anyway)."""
+    import torch
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    return {"dtype": dtype, "compute_dtype": dtype}
+
+
 def timed(function, repeats: int = 3):
     """Best wall time of ``repeats`` calls, and the last result."""
     best, result = float("inf"), None

@@ -1,6 +1,7 @@
 """The faces world (world/): the generator is deterministic and every factor shows; the regressor reads
 the factors back; the trained model loads and samples faces of the world through the host."""
 import numpy as np
+import torch
 
 from world.faces import FACTORS, dataset, render, sample_factors
 
@@ -100,3 +101,34 @@ def test_widening_the_model_keeps_its_function(host):
             before, after = (m.apply_model(x, torch.full((4,), sigma), c_crossattn=empty_context(4))
                              for m in (narrow, wide))
         assert (after - before).abs().max() < 1e-4 * before.abs().max(), sigma
+
+
+def test_training_is_deterministic_resumable_and_stops_on_time(tmp_path):
+    """world.train on 16 images, batch 2: two steps, then resumed to four, exports the same weights as four in one
+    go (each step's batch, timesteps and noise come from the seed and the step; Adam and the EMA are saved), and
+    --seconds 0 stops before the first step, still saving a checkpoint and exporting where --export says."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors import safe_open
+    repo = Path(__file__).resolve().parents[1]
+
+    def train(name, *options):
+        subprocess.run([sys.executable, "-m", "world.train", "--images", "16", "--batch", "2", "--threads", "1",
+                        "--every", "1000", "--checkpoint", str(tmp_path / f"{name}.ckpt"), *options],
+                       cwd=repo, check=True, capture_output=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+    def exported(name):
+        with safe_open(str(tmp_path / f"{name}.safetensors"), "pt") as f:
+            return f.metadata()["steps"], {k: f.get_tensor(k) for k in f.keys()}
+    train("resumed", "--steps", "2")
+    train("resumed", "--steps", "4", "--export", str(tmp_path / "resumed.safetensors"))
+    train("straight", "--steps", "4", "--export", str(tmp_path / "straight.safetensors"))
+    (steps, resumed), (_, straight) = exported("resumed"), exported("straight")
+    assert steps == "4" and resumed.keys() == straight.keys()
+    assert all(torch.equal(resumed[k], straight[k]) for k in resumed)
+    train("timed", "--steps", "4", "--seconds", "0", "--export", str(tmp_path / "timed.safetensors"))
+    assert exported("timed")[0] == "0" and (tmp_path / "timed.ckpt").is_file()

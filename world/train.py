@@ -8,6 +8,7 @@ safetensors checkpoint every --every steps and continues from it when run again.
 
     .venv/bin/python -m world.train --steps 20000           # train, or resume, to step 20000
     .venv/bin/python -m world.train --steps 20000 --export  # then write world/faces_unet.safetensors
+    .venv/bin/python -m world.train --seconds 300 --export out/w.safetensors  # five minutes' more, written there
 """
 import argparse
 import json
@@ -59,7 +60,10 @@ def arguments():
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast (weights, Adam and EMA stay float32)")
     parser.add_argument("--checkpoint", type=Path, default=REPO / ".cache" / "world-train" / "checkpoint.safetensors")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads")
-    parser.add_argument("--export", action="store_true", help="write the EMA weights to world/faces_unet.safetensors")
+    parser.add_argument("--seconds", type=float, default=float("inf"),
+                        help="stop after this long (a checkpoint is saved, and --export done, as at --steps)")
+    parser.add_argument("--export", nargs="?", const=str(EXPORT), default=None, metavar="FILE",
+                        help="write the EMA weights to FILE (default world/faces_unet.safetensors)")
     return parser.parse_args()
 
 
@@ -118,8 +122,8 @@ def main():
     context = empty_context(args.batch).to(DEVICE)
     print(f"training from step {step} to {args.steps}, {sum(p.numel() for p in unet.parameters()) / 1e6:.2f} M "
           f"parameters, batch {args.batch}", flush=True)
-    start = time.perf_counter()
-    while step < args.steps:
+    start = began = time.perf_counter()
+    while step < args.steps and time.perf_counter() - began < args.seconds:
         generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
         x0 = data[torch.randint(len(data), (args.batch,), generator=generator).to(DEVICE)]
         t = torch.randint(len(alphas_cumprod), (args.batch,), generator=generator).to(DEVICE)
@@ -145,12 +149,15 @@ def main():
             print(f"step {step}: loss {sum(losses[-50:]) / 50:.4f}, {rate:.2f} s/step", flush=True)
         if step % args.every == 0 or step == args.steps:
             save_checkpoint(args.checkpoint, unet, ema, optimizer, step, settings, losses)
+    if step < args.steps:  # stopped by --seconds
+        save_checkpoint(args.checkpoint, unet, ema, optimizer, step, settings, losses)
     if args.export:
+        export = Path(args.export)
         metadata = {"steps": str(step), "prediction": args.prediction, "settings": json.dumps(settings),
                     "unet": f"world/model.py unet_config({args.width})",
                     "final_loss": str(sum(losses[-200:]) / max(len(losses[-200:]), 1))}
-        save_file({k: v.half().contiguous().cpu() for k, v in ema.items()}, str(EXPORT), metadata=metadata)
-        print(f"wrote {EXPORT} ({EXPORT.stat().st_size / 2 ** 20:.1f} MB)")
+        save_file({k: v.half().contiguous().cpu() for k, v in ema.items()}, str(export), metadata=metadata)
+        print(f"wrote {export} at step {step} ({export.stat().st_size / 2 ** 20:.1f} MB)")
 
 
 if __name__ == "__main__":
