@@ -1,4 +1,5 @@
 """Directions From Image (Jacobian): the shifts at a site that change one image's denoised prediction most."""
+import functools
 import logging
 import warnings
 
@@ -25,9 +26,11 @@ FORWARD_CHUNK = 16  # forward-mode rows per model call (they keep no activations
 REVERSE_CHUNK = 4  # reverse-mode rows per model call: each keeps its activations for the backward pass
 
 
+@functools.cache
 def load_forward_mode_rules():
     """torch loads its forward-mode decompositions on the first dual tensor, scripting them with torch.jit.script,
-    which torch 2.14 deprecates with a FutureWarning a user can do nothing about: load them with it silenced."""
+    which torch 2.14 deprecates with a FutureWarning a user can do nothing about: load them once, with it silenced
+    (through torch's private loader; a torch without it has nothing to silence here)."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
         getattr(forward_ad, "_maybe_load_decompositions", lambda: None)()

@@ -12,6 +12,10 @@ PYTHON_VERSION="${DEVICE_PYTHON_VERSION:-3.12}"  # the device image's; another o
 VPY=.venv/bin/python
 rm -rf .device
 mkdir -p .device/wheels .device/stubs/comfyui_frontend_package/static
+if [ -n "${COMFYUI_PATH:-}" ]; then  # there harness/comfyui.py looks for the pinned host only
+    echo "COMFYUI_PATH is set: unset it, so that the kit carries the pinned host" >&2
+    exit 1
+fi
 host="$($VPY -m harness.comfyui)"
 tar -C "$(dirname "$host")" -cJf ".device/$(basename "$host").tar.xz" --exclude=__pycache__ --exclude=tests \
     --exclude=tests-unit "$(basename "$host")"
@@ -26,7 +30,8 @@ cat > .device/stubs/comfyui_frontend_package/__init__.py <<'STUB'
 """Stand-in for the front end on a machine that only runs the in-process host: its folder to serve, empty."""
 STUB
 touch .device/stubs/comfyui_frontend_package/static/.keep
-tree_bytes=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 cat 2>/dev/null | wc -c)
+tree_bytes=$( (git ls-files -z; git ls-files -z --others --exclude-standard) | xargs -0 du -cb 2>/dev/null \
+    | awk '$2 == "total" {sum += $1} END {print sum + 0}' || true)
 kit_bytes=$(du -sb .device | cut -f1)
 total_mib=$(( (tree_bytes + kit_bytes) / 1048576 ))
 echo ".device: $(( kit_bytes / 1048576 )) MiB; with the working tree $total_mib MiB of the 64 MiB that may travel"

@@ -1,11 +1,15 @@
 """Helpers for the tests: sample direction sets, float32 comparisons, the Jacobian node's products, saved images."""
 import contextlib
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from harness.comfyui import REPO
 from semantic_directions.directions.attention import AttentionWeights
 from semantic_directions.directions.directionset import DirectionSet, SiteDirections, model_fingerprint
 
@@ -176,3 +180,10 @@ def write_test_photo(host, name: str = "example.png", size: int = 64, frequency:
     image = np.stack([np.broadcast_to(pixels[None, :], (size, size)), np.broadcast_to(pixels[:, None], (size, size)),
                       0.5 + 0.4 * np.sin(np.broadcast_to(pixels[None, :], (size, size)) * frequency)], axis=-1)
     Image.fromarray((image * 255).round().astype(np.uint8)).save(host.base / "input" / name)
+
+
+def fresh_python(*arguments: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python *arguments`` in a new interpreter from the repository root (where ``-c`` and ``-m`` find the harness,
+    world and benchmarks), on one torch thread as the tests run: its exit status and text output."""
+    return subprocess.run([sys.executable, *arguments], cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})

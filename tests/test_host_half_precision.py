@@ -11,18 +11,19 @@ HALF = [torch.float16, torch.bfloat16]
 SITE_7 = "input_blocks.7.1.transformer_blocks.0.attn1"
 
 
-def cosines(a: torch.Tensor, b: torch.Tensor) -> list:
-    return [abs(float(x.double() @ y.double())) for x, y in zip(a, b)]
+def one_minus_cosines(a: torch.Tensor, b: torch.Tensor, signed: bool = False) -> list:
+    """1 - |cos| of each row pair (1 - cos where the sign means something: a pair's direction)."""
+    return [1 - (lambda c: c if signed else abs(c))(float(x.double() @ y.double())) for x, y in zip(a, b)]
 
 
 def assert_edit_as_precise_as_the_model(half: dict, reference: dict):
-    """The edit changes the sample, and computing it in half precision moves the edited sample from float32's
-    no further than it moves the plain one, give or take half (measured 0.8 to 1.2 times as far): the shift
-    adds no rounding of its own beyond the model's."""
-    def error(key):
-        return float((half[key] - reference[key]).norm() / reference[key].norm())
-    assert float((reference["edited"] - reference["plain"]).norm() / reference["plain"].norm()) > 0.1
-    assert bool(torch.isfinite(half["edited"]).all()) and error("edited") < 1.5 * error("plain") + 1e-6
+    """Both edits move their sample (by more than a tenth of its size), and the half-precision edit's move differs
+    from float32's by at most three times as much as the plain samples differ (measured 0.6 to 1.4 times): the
+    shift adds no error of its own beyond the model's rounding."""
+    moved = [run["edited"] - run["plain"] for run in (half, reference)]
+    scale = reference["plain"].norm()
+    assert bool(torch.isfinite(half["edited"]).all()) and all(m.norm() > 0.1 * scale for m in moved)
+    assert (moved[0] - moved[1]).norm() <= 3 * (half["plain"] - reference["plain"]).norm()
 
 
 def unet_chain(host, model) -> dict:
@@ -54,22 +55,24 @@ def unet_chain(host, model) -> dict:
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_half_precision_unet_gives_float32s_directions_and_edits(host, dtype):
     """The tiny SD1.5 UNet stored in ``dtype``, computed in float32 and in ``dtype``: directions from samples,
-    a prompt pair and one image (forward- and reverse-mode derivatives in ``dtype``) agree to within the
-    precision's epsilon (cosine), and an attention edit is as precise as the model (see below)."""
+    a prompt pair (its sign too) and one image (forward- and reverse-mode derivatives in ``dtype``) agree, 1 - cosine
+    below the precision's epsilon (measured at most 1.1e-5 in float16, whose epsilon is 9.8e-4, and 2.4e-3 in
+    bfloat16, 7.8e-3), and an attention edit is as precise as the model (see above)."""
     from harness.test_nodes.unets import build_unet
     reference = unet_chain(host, build_unet("sd15", seed=0, dtype=dtype))
     half = unet_chain(host, build_unet("sd15", seed=0, dtype=dtype, compute_dtype=dtype))
     for name in ("samples", "prompt pair", "image h_space", f"image {SITE_7}"):
-        assert min(cosines(half[name], reference[name])) > 1 - torch.finfo(dtype).eps, name
+        assert max(one_minus_cosines(half[name], reference[name], name == "prompt pair")) < torch.finfo(dtype).eps
     assert_edit_as_precise_as_the_model(half, reference)
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_half_precision_flux_runs_every_node(host, dtype):
     """A tiny Flux computed in ``dtype``: Discover, Apply Direction at every site, DDIM Invert, Directions From
-    Image and From Samples at a single block give finite results, and the edit is as precise as the model (the
-    random tiny Flux amplifies rounding: its plain bfloat16 sample is 22% from float32's, its float16 one
-    0.04%)."""
+    Image and From Samples at a single block give finite results and the edit is as precise as the model (see
+    above). The random tiny Flux amplifies rounding: its plain bfloat16 sample is 22% from float32's, its float16
+    one 0.04%; where the plain samples agree to within the precision's epsilon, the directions do too (1 - cosine
+    2e-7 in float16)."""
     import comfy.sample
     import comfy.samplers
 
@@ -100,14 +103,19 @@ def test_half_precision_flux_runs_every_node(host, dtype):
     half = chain(build_dit("flux", seed=1, dtype=dtype, compute_dtype=dtype))
     assert all(bool(torch.isfinite(value).all()) for value in half.values())
     assert_edit_as_precise_as_the_model(half, reference)
+    eps = torch.finfo(dtype).eps
+    if (half["plain"] - reference["plain"]).norm() < eps * reference["plain"].norm():
+        assert max(one_minus_cosines(half["image"], reference["image"])
+                   + one_minus_cosines(half["samples"], reference["samples"])) < eps
 
 
 @pytest.mark.parametrize("dtype", HALF, ids=str)
 def test_half_precision_inversion_of_the_trained_model_keeps_its_accuracy(host, dtype):
     """Four held-out faces inverted by DDIM Invert (20 karras steps, refine 2) on the faces world's model computed
-    in ``dtype`` and sampled back: each round trip within 8-bit rounding by far (above 55 dB; measured 63 to 77
-    dB in float16, 64 to 68 in bfloat16, 62 to 78 in float32), at least 20 dB above plain DDIM inversion's in the
-    same precision (36 to 41 dB; the closest pair 23 dB apart)."""
+    in ``dtype`` and sampled back: each round trip far below a visible error (above 50 dB; 8-bit rounding is
+    59 dB; measured 63 to 77 dB in float16, 64 to 68 in bfloat16, 62 to 78 in float32, on an AVX-512 Xeon, whose
+    half-precision kernels may round otherwise than other CPUs'), at least 15 dB above plain DDIM inversion's in
+    the same precision (36 to 41 dB; the closest pair 23 dB apart)."""
     from world.model import empty_context, load_patcher
     from world.quality import generator_faces
     invert = host.nodes.NODE_CLASS_MAPPINGS["DDIMInvert"]()
@@ -120,4 +128,4 @@ def test_half_precision_inversion_of_the_trained_model_keeps_its_accuracy(host, 
         back = sample_back(model, inverted, prompt, 20, "karras")
         return -10 * ((back.clamp(-1, 1) - faces) / 2).pow(2).mean((1, 2, 3)).log10()
     refined, plain = round_trip_psnr(2), round_trip_psnr(0)
-    assert refined.min() > 55 and (refined - plain).min() > 20, (refined, plain)
+    assert refined.min() > 50 and (refined - plain).min() > 15, (refined, plain)

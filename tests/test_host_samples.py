@@ -1,9 +1,5 @@
 """Directions from samples and pairs on the tiny UNet, through the host's own sampling."""
 import logging
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +11,7 @@ from directions_testing import (
     assert_reverse_products_transpose_forward_ones,
     conditioning,
     denoised_once,
+    fresh_python,
     fused_copy,
     orthonormal,
     progress_updates,
@@ -24,7 +21,6 @@ from semantic_directions.directions.directionset import DirectionSet, SiteDirect
 from semantic_directions.nodes.host import made_for
 
 SITE_7 = "input_blocks.7.1.transformer_blocks.0.attn1"
-REPO = Path(__file__).resolve().parents[1]
 
 
 def latent(batch):
@@ -432,8 +428,7 @@ def test_the_jacobian_warns_nothing_in_a_fresh_process():
             "    warnings.simplefilter('always')\n"
             "    node.directions(build_unet('sd15'), prompt, prompt, image, 0, 0.3, 1.0, 'h_space', 2)\n"
             "print('WARNINGS', [str(w.message) for w in caught])")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    result = fresh_python("-c", code)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "WARNINGS []"
 

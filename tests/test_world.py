@@ -84,8 +84,6 @@ def test_the_committed_model_denoises_generator_faces_in_one_step(host):
 def test_widening_the_model_keeps_its_function(host):
     """world/model.py ``widen`` (how a wider model starts from the committed one): twice the channels and
     head width, the same predictions at every noise level, to float32 rounding of outputs of order 1."""
-    import torch
-
     from world.model import WEIGHTS, build_model, empty_context, read_weights, unet_config, widen
     from world.quality import generator_faces, noised
     weights, prediction, unet = read_weights(WEIGHTS)
@@ -104,31 +102,28 @@ def test_widening_the_model_keeps_its_function(host):
 
 
 def test_training_is_deterministic_resumable_and_stops_on_time(tmp_path):
-    """world.train on 16 images, batch 2: two steps, then resumed to four, exports the same weights as four in one
-    go (each step's batch, timesteps and noise come from the seed and the step; Adam and the EMA are saved), and
-    --seconds 0 stops before the first step, still saving a checkpoint and exporting where --export says."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
+    """world.train on 16 images, batch 2: two steps, then resumed from their checkpoint to four, exports the same
+    weights as four in one go (each step's batch, timesteps and noise come from the seed and the step; Adam and the
+    EMA are saved); --seconds 0 stops before the first step, still saving a checkpoint, and exports where --export
+    says, making its folder."""
+    from directions_testing import fresh_python
     from safetensors import safe_open
-    repo = Path(__file__).resolve().parents[1]
 
     def train(name, *options):
-        subprocess.run([sys.executable, "-m", "world.train", "--images", "16", "--batch", "2", "--threads", "1",
-                        "--every", "1000", "--checkpoint", str(tmp_path / f"{name}.ckpt"), *options],
-                       cwd=repo, check=True, capture_output=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+        result = fresh_python("-m", "world.train", "--images", "16", "--batch", "2", "--threads", "1", "--every",
+                              "1000", "--checkpoint", str(tmp_path / f"{name}.ckpt"), *options)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return result.stdout
 
     def exported(name):
-        with safe_open(str(tmp_path / f"{name}.safetensors"), "pt") as f:
+        with safe_open(str(tmp_path / name / "ema.safetensors"), "pt") as f:
             return f.metadata()["steps"], {k: f.get_tensor(k) for k in f.keys()}
-    train("resumed", "--steps", "2")
-    train("resumed", "--steps", "4", "--export", str(tmp_path / "resumed.safetensors"))
-    train("straight", "--steps", "4", "--export", str(tmp_path / "straight.safetensors"))
+    assert "training from step 0 to 2" in train("resumed", "--steps", "2")
+    assert "training from step 2 to 4" in train("resumed", "--steps", "4", "--export",
+                                                 str(tmp_path / "resumed" / "ema.safetensors"))
+    train("straight", "--steps", "4", "--export", str(tmp_path / "straight" / "ema.safetensors"))
     (steps, resumed), (_, straight) = exported("resumed"), exported("straight")
     assert steps == "4" and resumed.keys() == straight.keys()
     assert all(torch.equal(resumed[k], straight[k]) for k in resumed)
-    train("timed", "--steps", "4", "--seconds", "0", "--export", str(tmp_path / "timed.safetensors"))
+    train("timed", "--steps", "4", "--seconds", "0", "--export", str(tmp_path / "timed" / "ema.safetensors"))
     assert exported("timed")[0] == "0" and (tmp_path / "timed.ckpt").is_file()

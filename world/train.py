@@ -100,6 +100,8 @@ def load_checkpoint(path, unet, ema, optimizer, settings):
 
 def main():
     args = arguments()
+    if args.export:
+        Path(args.export).parent.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(args.threads)
     unet_settings = unet_config(args.width)
     settings = {**{k: getattr(args, k) for k in ("batch", "lr", "seed", "images", "ema", "prediction", "init")},
