@@ -1,4 +1,5 @@
-"""Directions From Image (Jacobian): the shifts at a site that change one image's denoised prediction most."""
+"""Directions From Image (Jacobian): the shifts at a site that change the denoised prediction of an image (or of a
+batch of images, together) most."""
 import functools
 import logging
 import warnings
@@ -90,10 +91,11 @@ class ReverseModeFailed(RuntimeError):
 
 
 class JacobianRun(comfy.samplers.Sampler):
-    """Inside the host's guider (conditioning, CFG, model loading): the image noised to the schedule's sigma,
-    then ``solve(apply, apply_t, width)`` with products with the prediction's Jacobian J, J v (forward mode)
-    and J^T u (reverse mode; None where the model refuses it: J is then formed), its result kept in ``found``;
-    returns the latent unchanged."""
+    """Inside the host's guider (conditioning, CFG, model loading): the images noised to the schedule's sigma,
+    then ``solve(apply, apply_t, width)`` with products with the Jacobian J of their predictions stacked (image
+    after image), J v (forward mode) and J^T u (reverse mode; None where the model refuses it: J is then formed),
+    its result kept in ``found``; returns the latent unchanged. A product's shift rows go through the model once
+    per image: ``chunk`` counts model rows, so a call holds chunk // images shifts."""
 
     def __init__(self, patch: DerivativeShift, width: int, solve, progress):
         self.patch, self.width, self.solve, self.progress = patch, width, solve, progress
@@ -105,15 +107,18 @@ class JacobianRun(comfy.samplers.Sampler):
         sampling = model_wrap.inner_model.model_sampling
         x = sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
 
-        def predict(shifts):
-            """The prediction [rows, m] in the latent's units, each batch row shifted by its row of ``shifts``."""
-            self.patch.shifts = shifts
-            batch = x.expand(len(shifts), *x.shape[1:]).contiguous()
-            out = model_wrap(batch, sigmas[0] * batch.new_ones(len(shifts)),
-                             model_options=extra_args["model_options"], seed=extra_args.get("seed"))
-            return in_latent_units(model_wrap.inner_model, out).flatten(1)
+        images = len(x)
 
-        def forward(chunk):  # [p, C] -> (J chunk^T)^T, [p, m]
+        def predict(shifts):
+            """The predictions [p, images * m] in the latent's units, each image shifted by each row of ``shifts``
+            [p, C] (a model row per image and shift, image-major)."""
+            self.patch.shifts = shifts.repeat(images, 1)
+            batch = x.repeat_interleave(len(shifts), dim=0)
+            out = model_wrap(batch, sigmas[0] * batch.new_ones(len(batch)),
+                             model_options=extra_args["model_options"], seed=extra_args.get("seed"))
+            return rearrange(in_latent_units(model_wrap.inner_model, out), "(i p) ... -> p (i ...)", i=images)
+
+        def forward(chunk):  # [p, C] -> (J chunk^T)^T, [p, images * m]
             load_forward_mode_rules()
             try:
                 with forward_ad.dual_level(), host.tangent_attention():
@@ -125,7 +130,7 @@ class JacobianRun(comfy.samplers.Sampler):
                                    f"or without the patch or attention option that brings that operation") from None
             return self.reached(tangent).float().cpu()
 
-        def reverse(chunk):  # [p, m] -> (J^T chunk^T)^T, [p, C]
+        def reverse(chunk):  # [p, images * m] -> (J^T chunk^T)^T, [p, C]
             shifts = torch.zeros(len(chunk), self.width, requires_grad=True)
             try:
                 with torch.enable_grad(), host.differentiable(model_wrap.inner_model):
@@ -137,11 +142,11 @@ class JacobianRun(comfy.samplers.Sampler):
                 raise ReverseModeFailed(str(error).splitlines()[0]) from error
             return self.reached(gradient).float()
 
-        def apply(vectors):  # [C, p] -> J vectors, [m, p]
-            return self.products(vectors, "forward", forward)
+        def apply(vectors):  # [C, p] -> J vectors, [images * m, p]
+            return self.products(vectors, "forward", forward, images)
 
-        def apply_t(outputs):  # [m, p] -> J^T outputs, [C, p]
-            return self.products(outputs, "reverse", reverse)
+        def apply_t(outputs):  # [images * m, p] -> J^T outputs, [C, p]
+            return self.products(outputs, "reverse", reverse, images)
         try:
             self.found = self.solve(apply, apply_t, self.width)
         except ReverseModeFailed as failure:
@@ -150,30 +155,33 @@ class JacobianRun(comfy.samplers.Sampler):
             self.found = self.solve(apply, None, self.width)
         return latent_image
 
-    def products(self, columns, mode: str, product):
-        """``product`` of each chunk of the rows of ``columns``^T, as columns again: a chunk a model call, counting
-        the rows, advancing the bar and stopping on cancel. Where a pass runs out of memory its chunk halves; at
-        one row a call, a reverse pass gives way to forming J in forward mode, a forward one to a one-line error."""
+    def products(self, columns, mode: str, product, images: int):
+        """``product`` of each chunk of the rows of ``columns``^T, as columns again: a chunk a model call (each row
+        ``images`` model rows), counting the model rows, advancing the bar and stopping on cancel. Where a pass runs
+        out of memory its chunk halves; at one model row a call, a reverse pass gives way to forming J in forward
+        mode, a forward one to a one-line error."""
         rows, done, start = columns.T, [], 0
         while start < len(rows):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            chunk = rows[start:start + self.chunk[mode]]
+            chunk = rows[start:start + max(1, self.chunk[mode] // images)]
             try:
                 done.append(product(chunk))
             except torch.OutOfMemoryError:
+                least = f"{images} row{'s' * (images > 1)} a call"  # one shift, a row per image
                 if len(chunk) == 1 and mode == "reverse":
-                    raise ReverseModeFailed("out of memory at one row a call") from None
+                    raise ReverseModeFailed(f"out of memory at {least}") from None
                 if len(chunk) == 1:
-                    raise torch.OutOfMemoryError("latent: Directions From Image ran out of memory at one row a "
-                                                 "model call; use a smaller latent, or free the device") from None
-                self.chunk[mode] = len(chunk) // 2
+                    raise torch.OutOfMemoryError(f"latent: Directions From Image ran out of memory at {least}; use a "
+                                                 f"smaller latent{', fewer images' * (images > 1)}, or free the "
+                                                 f"device") from None
+                self.chunk[mode] = len(chunk) * images // 2
                 logging.info("Directions From Image: out of memory in a %s pass; %d rows a call from now", mode,
                              self.chunk[mode])
                 comfy.model_management.soft_empty_cache()
                 continue
             start += len(chunk)
-            self.model_rows[mode] += len(chunk)
-            self.progress.advance(len(chunk))
+            self.model_rows[mode] += len(chunk) * images
+            self.progress.advance(len(chunk) * images)
         return torch.cat(done).T
 
     def reached(self, derivative):
@@ -213,11 +221,13 @@ def in_latent_units(model, tangent):
 
 class DirectionsFromImage:
     DESCRIPTION = (
-        "Directions for one image: the shifts at a site that change the model's denoised prediction of this image "
+        "Directions for an image: the shifts at a site that change the model's denoised prediction of this image "
         "most, at one point of the schedule (the top right singular vectors of that change's Jacobian, from the "
-        "host's own model, by products with the Jacobian in forward and reverse mode, never forming it). With a mask, "
-        "the change inside the mask counts (localised edits). Gains: the change of the prediction per unit alpha. "
-        "Costs a few blocks of count + 6 forward-mode and as many reverse-mode model rows per site.")
+        "host's own model, by products with the Jacobian in forward and reverse mode, never forming it). Given a "
+        "batch, the directions that change all its images' predictions most together (their Jacobians stacked). "
+        "With a mask, the change inside the mask counts (localised edits). Gains: the change of the prediction per "
+        "unit alpha (root mean square over the images). Costs a few blocks of count + 6 forward-mode and as many "
+        "reverse-mode model rows per site and image.")
     CATEGORY = CATEGORY
     FUNCTION = "directions"
     RETURN_TYPES = (DIRECTIONS,)
@@ -230,10 +240,11 @@ class DirectionsFromImage:
             "model": ("MODEL", {"tooltip": "The model whose prediction is differentiated."}),
             "positive": ("CONDITIONING", {"tooltip": "The prompt describing the image."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt (used when cfg is not 1)."}),
-            "latent": ("LATENT", {"tooltip": "One image's clean latent (VAEEncode of a photo, or a sampled image); "
-                                             "the first of a batch is used."}),
+            "latent": ("LATENT", {"tooltip": "An image's clean latent (VAEEncode of a photo, or a sampled image), or a "
+                                             "batch: directions for all of them together, which carry to other images "
+                                             "better than one image's (each image costs as much as one)."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip":
-                     "The noise the image is noised with to the chosen point."}),
+                     "The noise the images are noised with to the chosen point."}),
             "percent": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 0.99, "step": 0.01, "tooltip":
                         "The point of the schedule, in model time (0 = the noisiest step; at 1, the end, the "
                         "prediction is the image itself and has no directions); where edits of structure start, "
@@ -244,23 +255,23 @@ class DirectionsFromImage:
             "count": ("INT", {"default": 8, "min": 1, "max": 4096, "tooltip": "Directions per site."}),
         }, "optional": {
             "mask": ("MASK", {"tooltip": "Where the change counts (resized to the latent): the directions change "
-                                         "the masked region most."}),
+                                         "the masked region most. One mask, or one per image."}),
         }}
 
     def directions(self, model, positive, negative, latent, seed, percent, cfg, site, count, mask=None):
         checked_latent(model, latent, "latent")
         finite("percent", percent)
         finite("cfg", cfg)
-        samples = latent["samples"][:1]
+        samples = latent["samples"]
         sites = host.select_layers(host.site_paths(model), site, input_name="site")
         widths = site_widths(model, sites)
-        weights = None if mask is None else latent_weights(as_mask_batch(mask)[:1], samples.shape)
+        weights = None if mask is None else latent_weights(as_mask_batch(mask), samples.shape)
         if weights is not None and not weights.any():
             raise ValueError("mask: it is empty at the latent's resolution; paint the region the edit should change")
         sampling = host.model_sampling(model)
         # the host marks percent 0 with a huge sigma ("before the schedule"): the noisiest step is sigma_max
         sigmas = torch.tensor([min(float(sampling.percent_to_sigma(percent)), float(sampling.sigma_max)), 0.0])
-        progress = RowProgress(sum(expected_rows(widths[s], count) for s in sites))
+        progress = RowProgress(len(samples) * sum(expected_rows(widths[s], count) for s in sites))
 
         def solve(apply, apply_t, width):
             return jacobian_directions(apply, apply_t, width, count, weights)
@@ -268,12 +279,13 @@ class DirectionsFromImage:
         for name in sites:
             run = with_jacobian(model, positive, negative, samples, seed, sigmas, cfg, name, widths[name], solve,
                                 progress)
-            found[name] = SiteDirections(*run.found)
+            vectors, gains = run.found
+            found[name] = SiteDirections(vectors, gains / len(samples) ** 0.5)  # |J_i n| averaged in square
             logging.info("Directions From Image at %s: %d forward-mode and %d reverse-mode model rows", name,
                          run.model_rows["forward"], run.model_rows["reverse"])
         progress.finish()
         params = {"site": site, "percent": percent, "seed": seed, "cfg": cfg, "count": count,
-                  "masked": mask is not None}
+                  "masked": mask is not None, "images": len(samples)}
         return (DirectionSet(sites=found, method="jacobian", params=params, model=host.made_for(model)),)
 
 
@@ -286,9 +298,9 @@ def site_widths(model, sites) -> dict:
 
 def with_jacobian(model, positive, negative, samples, seed: int, sigmas, cfg: float, site: str, width: int, solve,
                   progress) -> JacobianRun:
-    """Runs ``solve(apply, apply_t, width)`` on the Jacobian at ``site`` (``width`` wide) of the model's prediction
-    for the image ``samples`` [1, ...] noised with ``seed`` to sigmas[0], inside the host's guider; the finished
-    run."""
+    """Runs ``solve(apply, apply_t, width)`` on the Jacobian at ``site`` (``width`` wide) of the model's predictions
+    for the images ``samples`` [B, ...] noised with ``seed`` to sigmas[0] (stacked, image after image), inside the
+    host's guider; the finished run."""
     patch = DerivativeShift(site)
     patched = model.clone()
     host.forward_mode_attention(patched)
@@ -310,10 +322,13 @@ def with_jacobian(model, positive, negative, samples, seed: int, sigmas, cfg: fl
 
 
 def latent_weights(mask: torch.Tensor, shape) -> torch.Tensor:
-    """A [1, H, W] mask as weights of the latent's entries [C * h * w] (area-resized; a latent cell wholly
-    outside is 0)."""
-    resized = F.interpolate(mask[:, None], size=tuple(shape[-2:]), mode="area")[0, 0]
-    return resized.expand(shape[1], -1, -1).flatten()
+    """A [1 or B, H, W] mask as weights of a [B, C, ...] latent batch's entries, image after image [B * C * h * w]
+    (area-resized to the latent grid; a latent cell wholly outside is 0)."""
+    if len(mask) not in (1, shape[0]):
+        raise ValueError(f"mask: {len(mask)} masks for a latent batch of {shape[0]} images; give one mask, or one "
+                         f"per image")
+    resized = F.interpolate(mask[:, None], size=tuple(shape[-2:]), mode="area")  # [M, 1, h, w]
+    return resized.reshape(len(mask), 1, *[1] * (len(shape) - 4), *shape[-2:]).expand(*shape).flatten()
 
 
 NODE_CLASS_MAPPINGS = {"DirectionsFromImage": DirectionsFromImage}
