@@ -12,13 +12,15 @@ as photos of the same person with and without an attribute; full runs only; ``pa
 factor's ``pair`` direction with the other factors' projected out by the pack's Project Out Directions), with
 each factor's best site reported against random and the ceiling (``pair_named``, ``pair_matched_named``,
 ``pair_conditional_named``);
-Jacobian directions at every site (the pack's Directions From Image on one held-out face), each site's best
-over the whitened eigendirections' best (``jacobian_over_whitened``), and, in the regime they are for, each of
-several held-out faces' own Jacobian directions applied to that face inverted, against whitened (h-space:
-principal) directions on the same face (``own_face_edits``); random unit directions at the same sites, as
-many, with the same sampler; and the site's ceiling: supervised directions from the gradient of each factor's
-reading through the whole sampling (``strongest``: the gradient; ``pure``: the gradient with the
-other factors' gradients projected out), measured like every other direction. Per direction, all
+Jacobian directions at every site (the pack's Directions From Image on one held-out face, ``jacobian``, and on
+a batch of held-out faces together, the first of them that face, ``jacobian-faces``; their count in
+``jacobian_faces``), each site's best over the whitened eigendirections' best (``jacobian_over_whitened``,
+``jacobian_faces_over_whitened``; the sites where it is at least 1 in ``..._at_least_whitened_sites``), and,
+in the regime they are for, each of several held-out faces' own Jacobian directions applied to that face
+inverted, against whitened (h-space: principal) directions on the same face (``own_face_edits``); random unit
+directions at the same sites, as many, with the same sampler; and the site's ceiling: supervised directions
+from the gradient of each factor's reading through the whole sampling (``strongest``: the gradient; ``pure``: the
+gradient with the other factors' gradients projected out), measured like every other direction. Per direction, all
 seven factor slopes (least squares through alpha 0, per seed); its effect is the largest |slope|,
 its purity that factor's share of the summed |slope|, its preservation the PSNR outside the pixels
 the moved factor owns.
@@ -38,7 +40,7 @@ best direction swept out to four times the largest linear alpha.
 A full run keeps each sweep's result in .cache/bench-semantics (SweepCache), so one that stops continues
 where it stopped when run again. --quick (development, under 5 minutes on 2 cores): one attention site and
 h-space, 4 seeds, the two largest alphas per sign, example pairs for two factors, one Jacobian direction per
-site, one own face, one face for the oracle.
+site from one face and one from a batch of two, one own face, one face for the oracle.
 """
 import hashlib
 import inspect
@@ -70,11 +72,12 @@ LINEAR_ALPHAS = {"attention": (-0.5, -0.25, -0.1, 0.1, 0.25, 0.5), "hspace": (-0
 QUICK_ALPHAS = {name: tuple(a for a in alphas if abs(a) >= max(alphas) / 2) for name, alphas in LINEAR_ALPHAS.items()}
 SATURATION = (-4.0, -2.0, -1.0, 1.0, 2.0, 4.0)  # multiples of the family's largest linear alpha, for the picture
 HELD_OUT_SEED = 303  # neither the model's nor the regressor's images
-FULL = {"seeds": 16, "per_site": 4, "jacobian": 4, "hspace": 8, "held_out": 16, "own_faces": 8, "oracle_faces": 16,
-        "samples": 32, "sites": None, "pair_faces": 48, "pair_factors": FACTORS, "alphas": LINEAR_ALPHAS}
-QUICK = {"seeds": 4, "per_site": 2, "jacobian": 1, "hspace": 2, "held_out": 4, "own_faces": 1, "oracle_faces": 1,
-         "samples": 8, "pair_faces": 4, "pair_factors": ("smile", "background"), "alphas": QUICK_ALPHAS,
-         "sites": ("output_blocks.1.1.transformer_blocks.0.attn1",)}
+FULL = {"seeds": 16, "per_site": 4, "jacobian": 4, "jacobian_faces": 8, "hspace": 8, "held_out": 16, "own_faces": 8,
+        "oracle_faces": 16, "samples": 32, "sites": None, "pair_faces": 48, "pair_factors": FACTORS,
+        "alphas": LINEAR_ALPHAS}
+QUICK = {"seeds": 4, "per_site": 2, "jacobian": 1, "jacobian_faces": 2, "hspace": 2, "held_out": 4, "own_faces": 1,
+         "oracle_faces": 1, "samples": 8, "pair_faces": 4, "pair_factors": ("smile", "background"),
+         "alphas": QUICK_ALPHAS, "sites": ("output_blocks.1.1.transformer_blocks.0.attn1",)}
 HSPACE_SAMPLES = 64
 MODEL_BATCH = 48  # images a model call: fastest per image on 2 CPU cores (7.7 ms; 8.7 at 96, 10 at 16)
 JACOBIAN_SEED = 505
@@ -252,13 +255,14 @@ def hspace_set(world, count: int):
                            STEPS, 1.0, "ddim", "normal", "h_space", 0.0, 1.0, count)[0]
 
 
-def jacobian_set(world, count: int, sites: str, face: torch.Tensor | None = None):
+def jacobian_set(world, count: int, sites: str, face: torch.Tensor | None = None, faces: int = 1):
     """The pack's Directions From Image (Jacobian) at ``sites`` (the node's site input), for one face ([1, 32, 32,
-    3] in [0, 1]; by default the held-out face JACOBIAN_SEED) noised to 0.3 of the schedule (where structure edits
-    start), ``count`` per site. The default face's set is measured on the generated seeds like the others, as
-    directions of the model; own_face_edits measures each face's set on that face."""
+    3] in [0, 1]; by default the held-out face JACOBIAN_SEED, or the first ``faces`` held-out faces of that seed
+    as one batch) noised to 0.3 of the schedule (where structure edits start), ``count`` per site. The default
+    faces' sets are measured on the generated seeds like the others, as directions of the model; own_face_edits
+    measures each face's set on that face."""
     if face is None:
-        pixels, _ = dataset(1, JACOBIAN_SEED, IMAGE_SIZE)
+        pixels, _ = dataset(faces, JACOBIAN_SEED, IMAGE_SIZE)
         face = torch.from_numpy(pixels).float() / 255
     latent = {"samples": world.vae.encode(face)}
     return world.registry["DirectionsFromImage"]().directions(world.model, world.conditioning, world.conditioning,
@@ -641,6 +645,9 @@ def main():
     jacobian_sites = ", ".join((*plan["sites"], "h_space")) if plan["sites"] else "all"
     sets["jacobian"] = cached(cache, "jacobian", lambda: jacobian_set(world, plan["jacobian"], jacobian_sites),
                               plan["jacobian"], jacobian_sites)
+    sets["jacobian-faces"] = cached(cache, "jacobian-faces", lambda: jacobian_set(
+        world, plan["jacobian"], jacobian_sites, faces=plan["jacobian_faces"]), plan["jacobian"], jacobian_sites,
+        plan["jacobian_faces"])
     if plan["sites"]:  # quick: the chosen attention sites and h-space only
         kept = (*plan["sites"], "h_space")
         sets = {m: dset_module.DirectionSet(sites={k: v for k, v in s.sites.items() if k in kept},
@@ -730,9 +737,10 @@ def main():
                                       ceiling_table[site][record["factor"]]["purity"], 1e-12), 3),
                                   "ratio_vs_random": round(results.site_ratio(method, site, means), 2)}
         sites[site] = {"methods": per_method, "ceiling": ceiling_table[site]}
-        if "jacobian" in per_method and "whitened" in per_method:
-            sites[site]["jacobian_over_whitened"] = round(per_method["jacobian"]["effect"] /
-                                                          max(per_method["whitened"]["effect"], 1e-12), 2)
+        for method in ("jacobian", "jacobian-faces"):
+            if method in per_method and "whitened" in per_method:
+                sites[site][f"{method.replace('-', '_')}_over_whitened"] = round(
+                    per_method[method]["effect"] / max(per_method["whitened"]["effect"], 1e-12), 2)
 
     pair_named = {method: named_pairs(results, means, sets, ceiling_table, resamples, method, plan["pair_factors"])
                   for method in ("pair", "pair-matched", "pair-conditional") if method in sets}
@@ -747,6 +755,7 @@ def main():
     phase("world_quality_and_oracle")
     report({
         "device": args.device, "threads": list(threads), "quick": args.quick, "seeds": plan["seeds"], "steps": STEPS,
+        "jacobian_faces": plan["jacobian_faces"],
         "linear_alphas": list(plan["alphas"]["attention"]), "hspace_linear_alphas": list(plan["alphas"]["hspace"]),
         "saturation_multiples": list(SATURATION),
         "regressor_factors": list(FACTORS), "bootstrap_resamples": len(resamples),
@@ -761,8 +770,9 @@ def main():
         "methods": methods, "pair_named": pair_named["pair"], "pair_matched_named": pair_named.get("pair-matched"),
         "pair_conditional_named": pair_named.get("pair-conditional"),
         "sites": sites,
-        "jacobian_at_least_whitened_sites": [sum(s.get("jacobian_over_whitened", 0) >= 1 for s in sites.values()),
-                                              sum("jacobian_over_whitened" in s for s in sites.values())],
+        **{f"{name}_at_least_whitened_sites": [sum(s.get(f"{name}_over_whitened", 0) >= 1 for s in sites.values()),
+                                               sum(f"{name}_over_whitened" in s for s in sites.values())]
+           for name in ("jacobian", "jacobian_faces")},
         "own_face_edits": own_faces,
         "jacobian_own_face_at_least_reference_sites": [sum(r["ratio_median"] >= 1 for r in own_faces.values()),
                                                        len(own_faces)],

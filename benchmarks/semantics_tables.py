@@ -11,11 +11,17 @@ from pathlib import Path
 LABELS = {"whitened": "whitened", "value": "value", "qkv-stack": "qkv-stack", "hspace-pca": "h-space PCA",
           "pair": "example pair", "pair-matched": "example pair, matched",
           "pair-conditional": "example pair, others projected out", "jacobian": "Jacobian (one face)",
+          "jacobian-faces": "Jacobian ({jacobian_faces} faces)",
           "random-attention": "random (attention)", "random-hspace": "random (h-space)"}
 FACTOR_NAMES = {"smile": "smile", "eye_open": "eye openness", "face_hue": "face hue", "hair_hue": "hair hue",
                 "head_size": "head size", "x_position": "x position", "background": "background"}
 PAIRS = (("pair_named", "example pair"), ("pair_matched_named", "matched pair"),
          ("pair_conditional_named", "others projected out"))
+
+
+def label(method: str, report: dict) -> str:
+    """The method's name in the tables, with the report's counts where it names one."""
+    return LABELS.get(method, method).format(jacobian_faces=report.get("jacobian_faces", "several"))
 
 
 def site_name(site: str) -> str:
@@ -51,7 +57,7 @@ def methods_table(report: dict) -> list:
         best, random = figures["best"], method.startswith("random")
         index = "" if method.startswith("pair") else f" #{best['index']}"
         lines.append(row([
-            LABELS.get(method, method), f"{site_name(best['site'])}{index}: {FACTOR_NAMES[best['factor']]}",
+            label(method, report), f"{site_name(best['site'])}{index}: {FACTOR_NAMES[best['factor']]}",
             f"{best['effect']:.3f}",
             f"{best['purity']:.2f}" + ("" if random else f" ({figures['purity_vs_ceiling']:.2f})"),
             "" if random else f"{times(figures['best_ratio_vs_random'])} ({interval(figures['best_ratio_ci95'])})",
@@ -62,7 +68,7 @@ def methods_table(report: dict) -> list:
 
 def sites_table(report: dict) -> list:
     methods = [m for m in report["methods"] if not m.startswith("random")]
-    lines = header("site", *(LABELS.get(m, m) for m in methods), "ceiling's largest effect (factor)")
+    lines = header("site", *(label(m, report) for m in methods), "ceiling's largest effect (factor)")
     for site, figures in report["sites"].items():
         per_method = figures["methods"]
         factor, ceiling = max(figures["ceiling"].items(), key=lambda item: item[1]["effect"])
@@ -95,7 +101,7 @@ def own_face_table(report: dict) -> list:
     for site, figures in report["own_face_edits"].items():
         lines.append(row([site_name(site), str(figures["faces"]),
                           f"{times(figures['ratio_median'])} ({interval(figures['ratio_range'])})",
-                          f"{figures['jacobian_effect_median']:.3f}", LABELS.get(figures["reference"]),
+                          f"{figures['jacobian_effect_median']:.3f}", label(figures["reference"], report),
                           f"{figures['reference_effect_median']:.3f}"]))
     return lines
 

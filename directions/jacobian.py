@@ -1,6 +1,6 @@
-"""Directions from one image: the top right singular vectors of the Jacobian of the model's denoised
-output with respect to a shift at a site (the Pullback / LOCO-Edit idea), optionally weighted to a
-region of the image (LOCO-Edit's localized edits).
+"""Directions from an image (or a batch, their Jacobians stacked): the top right singular vectors of the
+Jacobian of the model's denoised output with respect to a shift at a site (the Pullback / LOCO-Edit idea),
+optionally weighted to a region of the image (LOCO-Edit's localized edits).
 
 The caller supplies J as products, never formed: v -> J v (forward-mode derivatives of the host's
 model) and u -> J^T u (reverse mode), each on blocks of vectors; block Krylov iteration on J^T J

@@ -94,8 +94,9 @@ class JacobianRun(comfy.samplers.Sampler):
     """Inside the host's guider (conditioning, CFG, model loading): the images noised to the schedule's sigma,
     then ``solve(apply, apply_t, width)`` with products with the Jacobian J of their predictions stacked (image
     after image), J v (forward mode) and J^T u (reverse mode; None where the model refuses it: J is then formed),
-    its result kept in ``found``; returns the latent unchanged. A product's shift rows go through the model once
-    per image: ``chunk`` counts model rows, so a call holds chunk // images shifts."""
+    its result kept in ``found``; returns the latent unchanged. Each shift goes through the model once per image,
+    and a call holds every image (the host tiles per-image conditioning over a batch, so row r is image r mod
+    images): ``chunk`` counts model rows, a call holds chunk // images shifts, at least one."""
 
     def __init__(self, patch: DerivativeShift, width: int, solve, progress):
         self.patch, self.width, self.solve, self.progress = patch, width, solve, progress
@@ -106,17 +107,16 @@ class JacobianRun(comfy.samplers.Sampler):
                disable_pbar=False):
         sampling = model_wrap.inner_model.model_sampling
         x = sampling.noise_scaling(sigmas[0], noise, latent_image, self.max_denoise(model_wrap, sigmas))
-
         images = len(x)
 
         def predict(shifts):
             """The predictions [p, images * m] in the latent's units, each image shifted by each row of ``shifts``
-            [p, C] (a model row per image and shift, image-major)."""
-            self.patch.shifts = shifts.repeat(images, 1)
-            batch = x.repeat_interleave(len(shifts), dim=0)
+            [p, C]: a model row per shift and image, the images tiled as the host tiles their conditioning."""
+            self.patch.shifts = shifts.repeat_interleave(images, dim=0)
+            batch = x.repeat(len(shifts), *[1] * (x.ndim - 1))
             out = model_wrap(batch, sigmas[0] * batch.new_ones(len(batch)),
                              model_options=extra_args["model_options"], seed=extra_args.get("seed"))
-            return rearrange(in_latent_units(model_wrap.inner_model, out), "(i p) ... -> p (i ...)", i=images)
+            return rearrange(in_latent_units(model_wrap.inner_model, out), "(p i) ... -> p (i ...)", i=images)
 
         def forward(chunk):  # [p, C] -> (J chunk^T)^T, [p, images * m]
             load_forward_mode_rules()
@@ -158,8 +158,9 @@ class JacobianRun(comfy.samplers.Sampler):
     def products(self, columns, mode: str, product, images: int):
         """``product`` of each chunk of the rows of ``columns``^T, as columns again: a chunk a model call (each row
         ``images`` model rows), counting the model rows, advancing the bar and stopping on cancel. Where a pass runs
-        out of memory its chunk halves; at one model row a call, a reverse pass gives way to forming J in forward
-        mode, a forward one to a one-line error."""
+        out of memory its chunk halves; at one shift a call, a reverse pass of one image gives way to forming J in
+        forward mode (of several images, that would cost the site's width in rows per image: a one-line error asks
+        for fewer), a forward pass to a one-line error."""
         rows, done, start = columns.T, [], 0
         while start < len(rows):
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -167,16 +168,16 @@ class JacobianRun(comfy.samplers.Sampler):
             try:
                 done.append(product(chunk))
             except torch.OutOfMemoryError:
-                least = f"{images} row{'s' * (images > 1)} a call"  # one shift, a row per image
-                if len(chunk) == 1 and mode == "reverse":
-                    raise ReverseModeFailed(f"out of memory at {least}") from None
+                if len(chunk) == 1 and mode == "reverse" and images == 1:
+                    raise ReverseModeFailed("out of memory at 1 row a call") from None
                 if len(chunk) == 1:
-                    raise torch.OutOfMemoryError(f"latent: Directions From Image ran out of memory at {least}; use a "
-                                                 f"smaller latent{', fewer images' * (images > 1)}, or free the "
-                                                 f"device") from None
+                    raise torch.OutOfMemoryError(
+                        f"latent: Directions From Image ran out of memory at {images} row{'s' * (images > 1)} a call "
+                        f"in a {mode} pass ({'one per image' if images > 1 else 'one image'}); use "
+                        f"{'fewer images or ' * (images > 1)}a smaller latent, or free the device") from None
                 self.chunk[mode] = len(chunk) * images // 2
                 logging.info("Directions From Image: out of memory in a %s pass; %d rows a call from now", mode,
-                             self.chunk[mode])
+                             max(1, self.chunk[mode] // images) * images)
                 comfy.model_management.soft_empty_cache()
                 continue
             start += len(chunk)
@@ -241,8 +242,8 @@ class DirectionsFromImage:
             "positive": ("CONDITIONING", {"tooltip": "The prompt describing the image."}),
             "negative": ("CONDITIONING", {"tooltip": "The negative prompt (used when cfg is not 1)."}),
             "latent": ("LATENT", {"tooltip": "An image's clean latent (VAEEncode of a photo, or a sampled image), or a "
-                                             "batch: directions for all of them together, which carry to other images "
-                                             "better than one image's (each image costs as much as one)."}),
+                                             "batch: the directions that change all of them most together (each image "
+                                             "costs as much as one)."}),
             "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip":
                      "The noise the images are noised with to the chosen point."}),
             "percent": ("FLOAT", {"default": 0.3, "min": 0.0, "max": 0.99, "step": 0.01, "tooltip":

@@ -159,7 +159,7 @@ def assert_cancel_stops(run) -> None:
         run()
 
 
-def denoised_once(model, noise, latent, sigma: float, positive, negative, seed: int) -> torch.Tensor:
+def denoised_once(model, noise, latent, sigma: float, positive, negative, seed: int, cfg: float = 1.0) -> torch.Tensor:
     """The model's denoised prediction of ``latent`` noised with ``noise`` to ``sigma``: one model call through the
     host's own guider and SamplerCustom path, as the nodes reach the model."""
     import comfy.sample
@@ -167,7 +167,7 @@ def denoised_once(model, noise, latent, sigma: float, positive, negative, seed: 
 
     def predict(model_fn, x, sigmas, extra_args=None, callback=None, disable=None):
         return model_fn(x, sigmas[0] * x.new_ones(x.shape[0]), **(extra_args or {}))
-    return comfy.sample.sample_custom(model, noise, 1.0, comfy.samplers.KSAMPLER(predict), torch.tensor([sigma, 0.0]),
+    return comfy.sample.sample_custom(model, noise, cfg, comfy.samplers.KSAMPLER(predict), torch.tensor([sigma, 0.0]),
                                       positive, negative, latent, seed=seed)
 
 
