@@ -17,12 +17,16 @@ NEGLIGIBLE = 1e-3  # gains under 3% of the top one need only be that small: a sm
 
 
 @torch.no_grad()
-def jacobian_directions(apply, apply_t, width: int, count: int, row_weights: torch.Tensor | None = None):
+def jacobian_directions(apply, apply_t, width: int, count: int, row_weights: torch.Tensor | None = None,
+                        stacked: int = 1):
     """Top ``count`` right singular vectors [count, C] of J and their singular values [count]: the unit
     shifts that change the output most, and by how much (output norm per unit shift). ``apply``: v [C, p]
     -> J v [m, p]; ``apply_t``: u [m, p] -> J^T u [C, p], or None to form J from ``apply`` (C products);
     float32 CPU tensors in and out. ``row_weights``
-    [m] in [0, 1] weights each output entry (a mask): the directions then maximise the weighted change."""
+    [m] in [0, 1] weights each output entry (a mask): the directions then maximise the weighted change.
+    ``stacked``: J is that many Jacobians stacked (a batch's images); the gains are then per Jacobian, in root
+    mean square (the singular values over sqrt(stacked)), on one image's scale (docs/math.md, 'Jacobian
+    directions')."""
     if width < 1:
         raise ValueError(f"width: expected a site with at least one channel, got {width}")
     if count < 1:
@@ -42,6 +46,9 @@ def jacobian_directions(apply, apply_t, width: int, count: int, row_weights: tor
 
     def backward(outputs):
         return checked(apply_t(weighted(outputs)))
-    return top_right_singular(forward, backward, width, count, like=torch.empty(0, device="cpu"), tolerance=TOLERANCE,
-                              exact_width=EXACT_WIDTH if apply_t is not None else width, blocks_per_check=1,
-                              floor=NEGLIGIBLE)
+    if stacked < 1:
+        raise ValueError(f"stacked: expected at least 1 Jacobian, got {stacked}")
+    vectors, values = top_right_singular(forward, backward, width, count, like=torch.empty(0, device="cpu"),
+                                         tolerance=TOLERANCE, exact_width=EXACT_WIDTH if apply_t is not None else width,
+                                         blocks_per_check=1, floor=NEGLIGIBLE)
+    return vectors, values / stacked ** 0.5

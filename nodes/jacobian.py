@@ -14,7 +14,7 @@ import comfy.sample
 import comfy.samplers
 import comfy.utils
 
-from ..directions.apply import image_scales
+from ..directions.apply import image_scales, mask_to_tokens
 from ..directions.attention import OVERSAMPLE
 from ..directions.directionset import ATTN1, DIT, HSPACE, DirectionSet, SiteDirections, site_kind
 from ..directions.jacobian import EXACT_WIDTH, jacobian_directions
@@ -164,7 +164,7 @@ class JacobianRun(comfy.samplers.Sampler):
         rows, done, start = columns.T, [], 0
         while start < len(rows):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            chunk = rows[start:start + max(1, self.chunk[mode] // images)]
+            chunk = rows[start:start + self.shifts_per_call(mode, images)]
             try:
                 done.append(product(chunk))
             except torch.OutOfMemoryError:
@@ -177,13 +177,17 @@ class JacobianRun(comfy.samplers.Sampler):
                         f"{'fewer images or ' * (images > 1)}a smaller latent, or free the device") from None
                 self.chunk[mode] = len(chunk) * images // 2
                 logging.info("Directions From Image: out of memory in a %s pass; %d rows a call from now", mode,
-                             max(1, self.chunk[mode] // images) * images)
+                             self.shifts_per_call(mode, images) * images)
                 comfy.model_management.soft_empty_cache()
                 continue
             start += len(chunk)
             self.model_rows[mode] += len(chunk) * images
             self.progress.advance(len(chunk) * images)
         return torch.cat(done).T
+
+    def shifts_per_call(self, mode: str, images: int) -> int:
+        """As many shifts as the mode's row budget holds with every image in the call, at least one."""
+        return max(1, self.chunk[mode] // images)
 
     def reached(self, derivative):
         if derivative is None:
@@ -275,13 +279,12 @@ class DirectionsFromImage:
         progress = RowProgress(len(samples) * sum(expected_rows(widths[s], count) for s in sites))
 
         def solve(apply, apply_t, width):
-            return jacobian_directions(apply, apply_t, width, count, weights)
+            return jacobian_directions(apply, apply_t, width, count, weights, stacked=len(samples))
         found = {}
         for name in sites:
             run = with_jacobian(model, positive, negative, samples, seed, sigmas, cfg, name, widths[name], solve,
                                 progress)
-            vectors, gains = run.found
-            found[name] = SiteDirections(vectors, gains / len(samples) ** 0.5)  # |J_i n| averaged in square
+            found[name] = SiteDirections(*run.found)
             logging.info("Directions From Image at %s: %d forward-mode and %d reverse-mode model rows", name,
                          run.model_rows["forward"], run.model_rows["reverse"])
         progress.finish()
@@ -328,8 +331,8 @@ def latent_weights(mask: torch.Tensor, shape) -> torch.Tensor:
     if len(mask) not in (1, shape[0]):
         raise ValueError(f"mask: {len(mask)} masks for a latent batch of {shape[0]} images; give one mask, or one "
                          f"per image")
-    resized = F.interpolate(mask[:, None], size=tuple(shape[-2:]), mode="area")  # [M, 1, h, w]
-    return resized.reshape(len(mask), 1, *[1] * (len(shape) - 4), *shape[-2:]).expand(*shape).flatten()
+    per_cell = mask_to_tokens(mask, tuple(shape[-2:]))  # [M, h * w], as Apply Direction weighs tokens
+    return per_cell.reshape(len(mask), 1, *[1] * (len(shape) - 4), *shape[-2:]).expand(*shape).flatten()
 
 
 NODE_CLASS_MAPPINGS = {"DirectionsFromImage": DirectionsFromImage}

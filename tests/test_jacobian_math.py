@@ -29,6 +29,20 @@ def counted(jacobian: torch.Tensor):
     return apply, apply_t, made
 
 
+def test_stacked_jacobians_report_gains_per_jacobian():
+    """The same J stacked twice: the same directions, and gains on one J's scale (its singular values), not the
+    stack's (sqrt(2) times them)."""
+    jacobian = planted_jacobian(300, 96, [9.0, 6.0, 4.0], seed=2)
+    apply, apply_t, _ = counted(torch.cat([jacobian, jacobian]))
+    vectors, gains = jacobian_directions(apply, apply_t, 96, 3, stacked=2)
+    _, values, vh = torch.linalg.svd(jacobian, full_matrices=False)
+    # the iteration's rule: each gain within 1% of a singular value; gaps of 1.5x pin the vectors
+    assert torch.allclose(gains.double(), values[:3], rtol=1e-2)
+    assert float(torch.linalg.svdvals(vh[:3] @ vectors.double().T).min()) >= 0.99
+    with pytest.raises(ValueError, match=r"^stacked: expected at least 1 Jacobian, got 0$"):
+        jacobian_directions(apply, apply_t, 96, 3, stacked=0)
+
+
 @pytest.mark.parametrize("weighted", [False, True])
 def test_products_alone_find_the_top_singular_vectors(weighted):
     jacobian = planted_jacobian(600, 320, [8.0, 6.0, 5.0, 4.0, 3.0, 2.5, 2.0, 1.5])
